@@ -1,0 +1,5 @@
+import sys
+
+from otprune.cli import main
+
+sys.exit(main())
