@@ -1,0 +1,26 @@
+# Fresh machine: `make demo` runs the photo demo, `make test` runs the test suite.
+# Both create ./.venv and install what they need into it (CPU torch pinned, see requirements-test.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test info clean
+
+$(VENV)/.installed: requirements-test.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/otprune demo --out otprune_demo.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -rs
+
+info: $(VENV)/.installed
+	$(VENV)/bin/otprune info
+
+clean:
+	rm -rf $(VENV) build *.egg-info
