@@ -45,13 +45,24 @@ def official_select_one(x: torch.Tensor, k: int, gamma: float, normalize: str) -
     xn = torch.nan_to_num(xn.to(torch.float32 if x.dtype != torch.float64 else torch.float64))
     s = xn @ xn.T
     L = torch.eye(n, dtype=s.dtype, device=x.device) + gamma * s @ s.T
-    picks = _greedy(L, k, x.dtype)
+    return select_from_kernel(L, k, x.dtype)
+
+
+def select_from_kernel(L: torch.Tensor, k: int, store_dtype: torch.dtype) -> torch.Tensor:
+    """The release's greedy plus repair loop on an (N, N) kernel (modified in place, as there).
+
+    Returns k distinct indices in ``list(set(...))`` order (int64, on L's device).
+    """
+    picks = _greedy(L, k, store_dtype)
     while len(set(picks)) < k:
         for i in picks:
             L[i, :] = 0
             L[:, i] = 0
-        picks.extend(_greedy(L, k - len(set(picks)), x.dtype))
-    return torch.tensor(list(set(picks)), dtype=torch.int64, device=x.device)
+        before = len(set(picks))
+        picks.extend(_greedy(L, k - before, store_dtype))
+        if len(set(picks)) == before:  # the release would loop forever here
+            raise RuntimeError(f"compat='official': the release's repair loop cannot find {k} distinct tokens")
+    return torch.tensor(list(set(picks)), dtype=torch.int64, device=L.device)
 
 
 def official_select(

@@ -38,7 +38,11 @@ def official_select(visual_feature_vectors, threshold_ratio, gamma=0.01):
     visual_feature_vectors = visual_feature_vectors @ visual_feature_vectors.T
     max_length = int(round(threshold_ratio * image_feature_length))
     kernel_matrix = torch.eye(image_feature_length).to(device_cuda) + gamma * visual_feature_vectors @ visual_feature_vectors.T
-    item_size = image_feature_length
+    return official_from_kernel(kernel_matrix, max_length, image_feature_length, device_cuda, dtype)
+
+
+def official_from_kernel(kernel_matrix, max_length, item_size, device_cuda, dtype):
+    """The release's greedy plus its repair loop on a given kernel (split out only for testing)."""
     selected_items = _greedy_select(kernel_matrix, max_length, item_size, device_cuda, dtype)
     while len(set(selected_items)) < max_length:
         for i in selected_items:

@@ -46,6 +46,10 @@ class Backend:
     probe: Callable[[], Tuple[bool, str]] = lambda: (True, "")
 
 
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A backend asked for by name cannot run here (not built, no GPU, wrong device)."""
+
+
 _loaded: Dict[str, Optional[Backend]] = {}
 _load_errors: Dict[str, str] = {}
 _warned: set = set()
@@ -82,7 +86,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
     if backend != "auto":
         ok, why = usable(backend, dev)
         if not ok:
-            raise RuntimeError(f"backend {backend!r} is not usable for {dev} tensors here: {why}")
+            raise BackendUnavailableError(f"backend {backend!r} is not usable for {dev} tensors here: {why}")
         return get_backend(backend)
     order = AUTO_ORDER.get(dev, ("torch",))
     for name in order:
