@@ -2,6 +2,8 @@
 
 Works on the similarity S (B, N, N); the kernel rows are formed lazily, only for chosen items:
 L[j, :] = e_j + gamma * (S S^T)[j, :] = e_j + gamma * S[j, :] @ S (S is symmetric).
+The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
+is taken from then on and never read again, so it is left out.
 The loop runs k_max - 1 steps on device tensors: no host synchronisation, no data-dependent
 Python branch, so it is the same code on CPU and GPU and can be captured in a CUDA graph.
 """
@@ -31,48 +33,45 @@ def greedy_picks(
     k_max = max(ks)
     ragged = any(k != k_max for k in ks)
     dev = s.device
-    rows = torch.arange(B, device=dev)
-    neg_inf = float("-inf")
-    one = torch.ones(B, dtype=s.dtype, device=dev)
 
     # d2 = diag(L) = 1 + gamma * ||S_i||^2: every item's residual (squared Cholesky pivot).
     d2 = torch.linalg.vector_norm(s, dim=-1).square_().mul_(gamma).add_(1.0)
     if valid is not None:
-        d2.masked_fill_(~valid, neg_inf)
-    c = s.new_zeros(B, max(k_max - 1, 1), N)  # Cholesky rows, one per step
+        d2.masked_fill_(~valid, float("-inf"))
+    # Cholesky rows, step-major so that step t's rows c[t] (B, N) are one contiguous block.
+    c = s.new_zeros(max(k_max - 1, 1), B, N)
     s_rows = s.view(B * N, N)
-    c_cols = c.view(B, -1, N)
-    base = rows * N  # flat offset of row b in the (B*N) views
-    picks = torch.empty(B, k_max, dtype=torch.int64, device=dev)
-    j = d2.argmax(-1)
-    picks[:, 0] = j
+    base = torch.arange(B, device=dev) * N  # flat offset of row b in the (B*N) views
+    picks = torch.empty(k_max, B, dtype=torch.int64, device=dev)
+    pivot, j = d2.max(-1)
+    picks[0] = j
     for t in range(k_max - 1):
         flat = base + j
-        # e = (L[j, :] - C[:t, j]^T C[:t, :]) / sqrt(d2[j]), L[j, :] = e_j + gamma * S[j, :] S
-        e = torch.bmm(s_rows.index_select(0, flat).unsqueeze(1), s)
+        # e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) / sqrt(d2[j])
+        e = c[t].unsqueeze(1)  # (B, 1, N) view of this step's row
+        torch.bmm(s_rows.index_select(0, flat).unsqueeze(1), s, out=e)
         if t:
-            cj = c_cols[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1)).transpose(1, 2)
-            e = torch.baddbmm(e, cj, c[:, :t], beta=gamma, alpha=-1.0)
+            prev = c[:t].transpose(0, 1)  # (B, t, N)
+            cj = prev.gather(2, j.view(B, 1, 1).expand(B, t, 1)).transpose(1, 2)  # (B, 1, t)
+            e.baddbmm_(cj, prev, beta=gamma, alpha=-1.0)
         else:
             e.mul_(gamma)
-        e = e.view(B, N)
-        e.view(-1).index_add_(0, flat, one)
-        pivot = d2.view(-1).index_select(0, flat)
         if ragged:
             # Rows past their budget may run out of tokens: give them a zero update, not NaN.
             live = pivot > 0
-            e.mul_(torch.where(live, pivot, 1.0).rsqrt_().mul_(live).unsqueeze(1))
+            scale = torch.where(live, pivot, 1.0).rsqrt_().mul_(live)
         else:
-            e.mul_(pivot.rsqrt_().unsqueeze(1))
-        c[:, t] = e
-        d2.addcmul_(e, e, value=-1.0)
-        d2.view(-1).index_fill_(0, flat, neg_inf)
-        j = d2.argmax(-1)
-        picks[:, t + 1] = j
+            scale = pivot.rsqrt_()
+        c[t].mul_(scale.unsqueeze(1))
+        d2.addcmul_(c[t], c[t], value=-1.0)
+        d2.view(-1).index_fill_(0, flat, float("-inf"))
+        pivot, j = d2.max(-1)
+        picks[t + 1] = j
+    picks = picks.T
     if ragged:
         k_t = torch.tensor(ks, device=dev).unsqueeze(1)
         picks = torch.where(torch.arange(k_max, device=dev).unsqueeze(0) < k_t, picks, -1)
-    return picks
+    return picks.contiguous()
 
 
 def sort_picks(picks: torch.Tensor) -> torch.Tensor:
