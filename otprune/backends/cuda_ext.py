@@ -1,3 +1,26 @@
-"""Placeholder until the compiled backend lands (issue 3)."""
+"""C++/CUDA extension backend for CUDA tensors: torch similarity, one-launch greedy kernel (csrc/)."""
 
-raise ImportError("backend not built yet")
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .._ext import load
+from ..kernel import similarity
+from . import Backend
+from .cpu_ext import greedy
+
+_C = load()  # ImportError here marks the backend unavailable, with the reason
+
+
+def probe() -> Tuple[bool, str]:
+    """Usable when the extension has its CUDA part and a GPU is visible."""
+    if not _C.with_cuda:
+        return False, "otprune._C was built without CUDA (CPU-only torch or no CUDA toolkit at build time)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available"
+    return True, ""
+
+
+BACKEND = Backend(name="cuda", devices=("cuda",), similarity=similarity, greedy=greedy, probe=probe)
