@@ -1,0 +1,229 @@
+"""The environment-variable route: BASELINE / SUBSET_RATIO / LAYER_INDEX and OTPRUNE_* variables.
+
+Subprocesses run the ``.pth`` line exactly as ``site`` does (exec of the line) with the repository on
+PYTHONPATH, then import LLaVA the way lmms-eval does and run a tiny model, unchanged otherwise.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+pytest.importorskip("llava.model.language_model.llava_llama", reason="needs the llava package (llava-torch)")
+
+import otprune  # noqa: E402
+from otprune.autopatch import Settings, patch_llava, settings_from_env, unpatch_llava  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PTH = os.path.join(ROOT, "otprune_autopatch.pth")
+TEXT = (10, 13)  # text tokens of the two prompt rows of llava_tiny.row_ids(2) / row_ids(2, extra=3)
+N = 64  # visual tokens per image of tiny_llava15
+
+SCRIPT = r"""
+import json, sys, tempfile
+with open(sys.argv[1]) as f:
+    exec(f.read())  # what site.py does with the .pth's "import ..." line
+report = {"torch_at_start": "torch" in sys.modules, "hook_loaded": "_otprune_autopatch" in sys.modules}
+from llava.model.builder import load_pretrained_model  # lmms-eval's import
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+report["class_patched"] = hasattr(LlavaLlamaForCausalLM.__init__, "__otprune_cls__")
+sys.path.insert(0, sys.argv[2])
+from llava_tiny import prompt_ids, row_ids, tiny_images, tiny_llava15
+model = tiny_llava15(tempfile.mkdtemp())
+images, sizes = tiny_images(model, 4)
+ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
+lm, layer1 = [], []
+def lm_hook(module, args, kwargs):
+    if kwargs.get("inputs_embeds") is not None:
+        lm.append(kwargs["attention_mask"].sum(1).tolist())
+model.get_model().register_forward_pre_hook(lm_hook, with_kwargs=True)
+model.get_model().layers[1].register_forward_hook(lambda m, a, o: layer1.append(a[0].shape[1]))
+out = model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=3, do_sample=False)
+report.update(lm=lm[0], layer1=layer1[0], steps=len(layer1), out=out.shape[1])
+print("REPORT " + json.dumps(report))
+"""
+
+RELEASE = {"BASELINE": "OURS", "LAYER_INDEX": "0", "SUBSET_RATIO": "0.25"}
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OTPRUNE_") and k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _start(env):
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, PTH, os.path.join(ROOT, "tests")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _report(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = [x for x in out.splitlines() if x.startswith("REPORT ")][-1]
+    return json.loads(line[len("REPORT "):])
+
+
+def test_release_variables_prune_in_every_process():
+    procs = [_start(_clean_env(**RELEASE)) for _ in range(2)]  # like two accelerate processes
+    for rep in map(_report, procs):
+        assert not rep["torch_at_start"]  # the .pth imports nothing heavy, even when on
+        assert rep["hook_loaded"] and rep["class_patched"]
+        assert rep["lm"] == [t + 2 * round(0.25 * N) for t in TEXT]
+        assert rep["out"] == 3
+
+
+def test_unset_variables_change_nothing():
+    rep = _report(_start(_clean_env(OTPRUNE_SKIP_EXT="1")))  # an unrelated OTPRUNE_ variable
+    assert not rep["torch_at_start"] and not rep["hook_loaded"] and not rep["class_patched"]
+    assert rep["lm"] == [t + 2 * N for t in TEXT]
+
+
+def test_otprune_variables_layer_inside_language_model():
+    env = _clean_env(OTPRUNE_KEEP="8", OTPRUNE_LAYER="1", OTPRUNE_BACKEND="torch", OTPRUNE_GAMMA="0.02")
+    rep = _report(_start(env))
+    assert rep["lm"] == [t + 2 * N for t in TEXT]  # layer 0 sees every token
+    assert rep["layer1"] == max(TEXT) + 2 * 8  # equal drops per row: the kept tokens only
+    assert rep["steps"] == 3
+
+
+def test_settings_from_env():
+    assert settings_from_env({}) is None
+    assert settings_from_env({"BASELINE": "FASTV", "SUBSET_RATIO": "0.5"}) is None
+    assert settings_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}) == Settings(0.098, 0, {})
+    assert settings_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "1", "LAYER_INDEX": "2"}) == Settings(1.0, 2, {})
+    full = {
+        "BASELINE": "OURS", "SUBSET_RATIO": "0.5", "LAYER_INDEX": "2", "OTPRUNE_KEEP": "56",
+        "OTPRUNE_LAYER": "3", "OTPRUNE_BACKEND": "triton", "OTPRUNE_COMPAT": "official",
+        "OTPRUNE_GAMMA": "0.02", "OTPRUNE_NORMALIZE": "token",
+    }
+    kw = {"backend": "triton", "compat": "official", "gamma": 0.02, "normalize": "token"}
+    assert settings_from_env(full) == Settings(56, 3, kw)
+    assert settings_from_env({"OTPRUNE_KEEP": "0.1", "OTPRUNE_COMPAT": "none"}) == Settings(0.1, 0, {})
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"BASELINE": "OURS"}, "SUBSET_RATIO"),
+    ({"BASELINE": "OURS", "SUBSET_RATIO": "abc"}, "SUBSET_RATIO"),
+    ({"OTPRUNE_KEEP": "x"}, "OTPRUNE_KEEP"),
+    ({"OTPRUNE_KEEP": "4", "LAYER_INDEX": "1.5"}, "LAYER_INDEX"),
+    ({"OTPRUNE_KEEP": "4", "OTPRUNE_COMPAT": "paper"}, "OTPRUNE_COMPAT"),
+])
+def test_bad_settings_name_the_variable(env, name):
+    with pytest.raises(ValueError, match=name):
+        settings_from_env(env)
+
+
+@pytest.fixture()
+def patched_class(monkeypatch):
+    from llava.model import llava_arch
+
+    for k in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX"):
+        monkeypatch.delenv(k, raising=False)
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    original_init = LlavaLlamaForCausalLM.__dict__["__init__"]
+    patch_llava(llava_arch)
+    patch_llava(llava_arch)  # idempotent
+    assert LlavaLlamaForCausalLM.__init__.__otprune_own__ is original_init
+    yield
+    unpatch_llava(llava_arch)
+    assert LlavaLlamaForCausalLM.__dict__["__init__"] is original_init
+    assert "__init_subclass__" not in llava_arch.LlavaMetaForCausalLM.__dict__
+
+
+def _lm_lengths(model):
+    from llava_tiny import prompt_ids, row_ids, tiny_images
+
+    images, sizes = tiny_images(model, 4)
+    ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
+    seen = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            seen.append(kwargs["attention_mask"].sum(1).tolist())
+
+    handle = model.get_model().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_route_in_process_then_revert(patched_class, monkeypatch, tmp_path):
+    from llava_tiny import tiny_llava15
+
+    monkeypatch.setenv("OTPRUNE_KEEP", "4")
+    model = tiny_llava15(str(tmp_path))
+    assert _lm_lengths(model) == [t + 8 for t in TEXT]
+    otprune.revert(model)  # off for good on this instance
+    assert _lm_lengths(model) == [t + 2 * N for t in TEXT]
+
+
+def test_bad_value_fails_loudly_at_construction(patched_class, monkeypatch, tmp_path):
+    from llava_tiny import tiny_llava15
+
+    monkeypatch.setenv("BASELINE", "OURS")
+    monkeypatch.setenv("SUBSET_RATIO", "lots")
+    with pytest.raises(ValueError, match="SUBSET_RATIO"):
+        tiny_llava15(str(tmp_path))
+
+
+def test_subclass_defined_later_is_patched_once(patched_class, monkeypatch, tmp_path):
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava_tiny import tiny_llava15
+    from otprune.integrations import llava_original
+
+    class Derived(LlavaLlamaForCausalLM):  # e.g. a fork's own model class
+        pass
+
+    calls = []
+    monkeypatch.setattr(llava_original, "apply", lambda m, *a: calls.append(type(m)) or m)
+    monkeypatch.setenv("OTPRUNE_KEEP", "4")
+    model = tiny_llava15(str(tmp_path))
+    Derived(model.config)
+    assert calls == [LlavaLlamaForCausalLM, Derived]
+
+
+def test_installed_pth():
+    """The installed distribution ships the .pth at the top of site-packages, and it runs at start."""
+    try:
+        dist = metadata.distribution("otprune")
+    except metadata.PackageNotFoundError:
+        pytest.skip("otprune is not pip-installed in this environment")
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        if "otprune_autopatch.pth" not in f.read():
+            pytest.skip("setup.py does not ship otprune_autopatch.pth yet")
+    installed = dist.locate_file("otprune_autopatch.pth")
+    assert os.path.exists(installed), "otprune is installed without its .pth: reinstall it"
+    with open(installed) as a, open(PTH) as b:
+        assert a.read() == b.read()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OTPRUNE_KEEP="0.1")
+    probe = "import sys; print('_otprune_autopatch' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd="/")
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def test_from_pretrained_is_patched(patched_class, monkeypatch, tmp_path):
+    """from_pretrained builds the model in a meta-device context: the route must still apply."""
+    import torch
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava_tiny import tiny_llava15
+    from otprune.integrations import llava_original
+
+    tiny_llava15(str(tmp_path)).save_pretrained(str(tmp_path / "llava-tiny"))
+    monkeypatch.setenv("OTPRUNE_KEEP", "4")
+    monkeypatch.setenv("OTPRUNE_BACKEND", "torch")
+    model = LlavaLlamaForCausalLM.from_pretrained(str(tmp_path / "llava-tiny"), torch_dtype=torch.float32)
+    assert llava_original.is_patched(model)
+    model.get_vision_tower().load_model()  # what LLaVA's load_pretrained_model does next
+    assert _lm_lengths(model.eval()) == [t + 8 for t in TEXT]
