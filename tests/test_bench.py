@@ -1,0 +1,189 @@
+"""The benchmark harness: every `python -m bench <what> --quick` writes a sane CSV, markdown and PNG;
+the quality metrics and baselines behave as their definitions say; bench's copy of the public loop
+matches the test transcription."""
+
+import csv
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+# bench/ is a source-checkout folder, not part of the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common, official, quality  # noqa: E402
+from bench.__main__ import main as bench_main  # noqa: E402
+from official_loop import official_select as transcribed_select  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _outputs(out, stem):
+    paths = [os.path.join(out, stem + ext) for ext in (".csv", ".md", ".png")]
+    for p in paths:
+        assert os.path.getsize(p) > 0, p
+    with open(paths[2], "rb") as f:
+        assert f.read(8) == PNG
+    with open(paths[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r[c] for r in rows for c in common.ENV_FIELDS)
+    return rows, open(paths[1]).read()
+
+
+def _positive(rows, cols):
+    for r in rows:
+        for c in cols:
+            v = float(r[c])
+            assert math.isfinite(v) and v > 0, (c, r)
+
+
+def test_select_quick(tmp_path):
+    assert bench_main(["select", "--quick", "--out", str(tmp_path)]) == 0
+    rows, md = _outputs(tmp_path, "select_quick")
+    assert {"provider", "B", "N", "d", "ratio", "k", "dtype", "p20_ms", "p50_ms", "p80_ms",
+            "speedup_vs_official"} <= set(rows[0])
+    provs = {r["provider"] for r in rows}
+    assert {"official", "otprune-torch"} <= provs
+    assert {int(r["B"]) for r in rows} == {1, 8} and {r["k"] for r in rows} == {"56"}
+    _positive(rows, ["p20_ms", "p50_ms", "p80_ms", "speedup_vs_official"])
+    for r in rows:
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        if r["provider"] == "official":
+            assert float(r["speedup_vs_official"]) == 1.0
+    assert "| official |" in md and "otprune-torch" in md
+    # A second run appends to the CSV; the table keeps one (latest) row per configuration.
+    threads = torch.get_num_threads()
+    assert bench_main(["select", "--quick", "--out", str(tmp_path), "--B", "1", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads
+    rows2, md2 = _outputs(tmp_path, "select_quick")
+    assert len(rows2) == len(rows) + len(provs)
+    assert rows2[-1]["device"].endswith("(1 threads)")
+    # Latest row per (device, configuration): the 1-thread run is another device entry.
+    assert md2.count("| official |") == 2 + (threads != 1)
+
+
+def test_e2e_quick(tmp_path):
+    pytest.importorskip("transformers")
+    assert bench_main(["e2e", "--quick", "--out", str(tmp_path)]) == 0
+    rows, md = _outputs(tmp_path, "e2e_quick")
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, x) for m in ("tiny-llava-1.5", "tiny-llava-1.6") for x in ("unpruned", "otprune", "official")}
+    _positive(rows, ["ttft_p50_ms", "prefill_p50_ms", "decode_tok_s", "ttft_speedup", "prefill_speedup"])
+    for r in rows:
+        n, kept = int(r["visual_tokens"]), int(r["kept_tokens"])
+        assert int(r["seq_len"]) == 55 + kept
+        if r["method"] == "unpruned":
+            assert kept == n and float(r["select_p50_ms"]) == 0.0 and float(r["ttft_speedup"]) == 1.0
+        else:
+            assert kept == round(0.098 * n)
+            assert 0 < float(r["select_share"]) < 1
+    assert {int(r["visual_tokens"]) for r in rows} == {256, 336}
+    assert "TTFT p50 ms" in md
+
+
+def test_quality_quick(tmp_path):
+    pytest.importorskip("ot")
+    pytest.importorskip("skimage")
+    assert bench_main(["quality", "--quick", "--out", str(tmp_path)]) == 0
+    rows, md = _outputs(tmp_path, "quality_quick")
+    assert {r["method"] for r in rows} == set(quality.METHODS)
+    assert {r["features"] for r in rows} == {"photo", "clustered"}
+    _positive(rows, ["logdet", "w2_gauss", "ot_cost"])
+    assert all(r["k"] == "56" for r in rows)
+    for fam in ("photo", "clustered"):
+        ld = {r["method"]: float(r["logdet"]) for r in rows if r["features"] == fam}
+        assert ld["otprune-exact"] > ld["random"] and ld["otprune-exact"] > ld["divprune"]
+    assert "otprune-official" in md
+
+
+def test_exact_vs_official_subcommand(tmp_path):
+    pytest.importorskip("skimage")
+    assert bench_main(["exact-vs-official", "--quick", "--out", str(tmp_path)]) == 0
+    rows, _ = (list(csv.DictReader(open(tmp_path / "exact_vs_official.csv"))), None)
+    assert len(rows) == 4 and all(0 < int(r["shared"]) <= int(r["k"]) for r in rows)
+    with open(tmp_path / "exact_vs_official.png", "rb") as f:
+        assert f.read(8) == PNG
+
+
+def test_bad_subcommand():
+    assert bench_main(["nonsense"]) == 2
+    assert bench_main([]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bench_official_copy_matches_transcription(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(97, 24, generator=g).to(dtype)
+    ours = official.official_select(x, 0.2)
+    assert torch.equal(ours, transcribed_select(x.clone(), 0.2))
+    assert [t.tolist() for t in official.official_batch(x.unsqueeze(0).repeat(2, 1, 1), 0.2)] == [ours.tolist()] * 2
+
+
+def test_w2_and_ot_sanity():
+    pytest.importorskip("ot")
+    x = quality.unit_rows(quality.clustered_features(0, n=120, d=16))
+    fit = quality.full_fit(x)
+    everything = np.arange(x.shape[0])
+    half = np.arange(0, x.shape[0], 2)
+    w2_half = quality.w2_gaussian(fit, x[half])
+    assert quality.w2_gaussian(fit, x) < 1e-5 * max(1.0, w2_half)
+    assert w2_half > 1e-3
+    assert quality.ot_cost(x, everything) == pytest.approx(0.0, abs=1e-12)
+    assert quality.ot_cost(x, half) > 1e-3
+    # Two point masses at distance 2 on the unit circle: keeping one costs half of |2|^2 = 2.
+    pts = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    assert quality.ot_cost(pts, np.array([0])) == pytest.approx(2.0)
+    # Gaussian W2 between N(m1, C) and N(m2, C) is |m1 - m2|.
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 3))
+    b = a + np.array([3.0, 0.0, 0.0])
+    both = np.concatenate([a, b])
+    fit_a = quality.full_fit(a)
+    assert quality.w2_gaussian(fit_a, b) == pytest.approx(3.0, rel=1e-6)
+    assert quality.w2_gaussian(quality.full_fit(both), both[:400]) > 1.0
+    # Fewer kept tokens than dimensions takes the k x k route; it equals the d x d formula.
+    from scipy.linalg import sqrtm
+
+    mu1, c1, s1 = fit
+    kept = x[:10]
+    mu2, c2 = quality.gaussian_fit(kept)
+    direct = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(np.real(sqrtm(s1 @ c2 @ s1)))
+    assert quality.w2_gaussian(fit, kept) == pytest.approx(np.sqrt(direct), rel=1e-6)
+
+
+def test_divprune_definition():
+    # Unit vectors at 0, 10, 20 and 90 degrees: 90 has the farthest nearest neighbour (70 degrees),
+    # then 0 is farthest from {90}, then 20 is farther than 10 from {0, 90}.
+    ang = np.deg2rad([0.0, 10.0, 20.0, 90.0])
+    x = torch.tensor(np.stack([np.cos(ang), np.sin(ang)], 1))
+    assert quality.divprune(x, 1).tolist() == [3]
+    assert quality.divprune(x, 2).tolist() == [0, 3]
+    assert quality.divprune(x, 3).tolist() == [0, 2, 3]
+    # Duplicated tokens never make it pick the same token twice.
+    dup = torch.cat([x, x])
+    assert quality.divprune(dup, 8).unique().numel() == 8
+
+
+def test_random_has_lower_logdet_than_otprune_on_clusters():
+    import otprune
+
+    for seed in range(3):
+        x = quality.clustered_features(seed, n=200, d=32)
+        ot_idx = otprune.select(x, 0.1)
+        rnd = torch.randperm(200, generator=torch.Generator().manual_seed(seed))[:20]
+        assert float(otprune.objective(x, ot_idx)) > float(otprune.objective(x, rnd))
+
+
+def test_csv_append_refuses_other_columns(tmp_path):
+    path = str(tmp_path / "x.csv")
+    common.append_csv(path, [{"a": 1, "b": 2}])
+    common.append_csv(path, [{"a": 3, "b": 4}])
+    assert [r["a"] for r in common.read_csv(path)] == ["1", "3"]
+    with pytest.raises(ValueError, match="columns"):
+        common.append_csv(path, [{"a": 1, "c": 2}])
+    rows = [{"device": "x", "k": "1", "v": "old"}, {"device": "x", "k": "2", "v": "b"}, {"device": "x", "k": "1", "v": "new"}]
+    assert [r["v"] for r in common.latest_rows(rows, ["k"])] == ["b", "new"]
