@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test info clean
 
-$(VENV)/.installed: requirements-test.txt setup.py
+$(VENV)/.installed: requirements-test.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
@@ -16,11 +16,12 @@ $(VENV)/.installed: requirements-test.txt setup.py
 demo: $(VENV)/.installed
 	$(VENV)/bin/otprune demo --out otprune_demo.png
 
+# OTPRUNE_REQUIRE_EXT=1: a missing compiled extension fails its tests instead of skipping them.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs
+	OTPRUNE_REQUIRE_EXT=1 $(PY) -m pytest -q -rs
 
 info: $(VENV)/.installed
 	$(VENV)/bin/otprune info
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info otprune/_C*.so otprune_demo.png
