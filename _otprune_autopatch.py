@@ -2,15 +2,20 @@
 
 Standard library only, so that the ``.pth`` costs nothing measurable: it runs only when
 ``BASELINE=OURS`` or ``OTPRUNE_KEEP`` is set, and then merely puts a finder on ``sys.meta_path``.
-When LLaVA's model code (``llava.model.llava_arch``) is imported later, the finder lets it load
-normally and then calls :func:`otprune.autopatch.patch_llava` on it (see that module for the
+When one of the model modules in :data:`TARGETS` is imported later (the original LLaVA codebase's
+``llava.model.llava_arch``, transformers' LLaVA / LLaVA-NeXT modelling files), the finder lets it
+load normally and then calls :func:`otprune.autopatch.patch_module` on it (see that module for the
 variables and their meaning). Each process of a multi-process launch runs its own ``.pth``.
 """
 
 import os
 import sys
 
-TARGET = "llava.model.llava_arch"
+TARGETS = (
+    "llava.model.llava_arch",
+    "transformers.models.llava.modeling_llava",
+    "transformers.models.llava_next.modeling_llava_next",
+)
 
 
 def enabled(environ=None) -> bool:
@@ -30,21 +35,21 @@ class _Loader:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        from otprune.autopatch import patch_llava
+        from otprune.autopatch import patch_module
 
-        patch_llava(module)
+        patch_module(module)
 
     def __getattr__(self, name):  # get_source, get_code, is_package, ...
         return getattr(self._loader, name)
 
 
 class _Finder:
-    """A ``sys.meta_path`` finder that only answers for :data:`TARGET`, by asking the others."""
+    """A ``sys.meta_path`` finder that only answers for :data:`TARGETS`, by asking the others."""
 
     otprune_autopatch = True
 
     def find_spec(self, name, path=None, target=None):
-        if name != TARGET:
+        if name not in TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -58,13 +63,14 @@ class _Finder:
 
 
 def install() -> None:
-    """Arm the hook (idempotent); patch at once if LLaVA's model code is already imported."""
+    """Arm the hook (idempotent); patch at once the target modules already imported."""
     if not enabled():
         return
-    if TARGET in sys.modules:
-        from otprune.autopatch import patch_llava
+    loaded = [sys.modules[name] for name in TARGETS if name in sys.modules]
+    if loaded:
+        from otprune.autopatch import patch_module
 
-        patch_llava(sys.modules[TARGET])
-        return
+        for module in loaded:
+            patch_module(module)
     if not any(getattr(f, "otprune_autopatch", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

@@ -1,11 +1,13 @@
 """The environment-variable route: prune in an unchanged LLaVA program (e.g. lmms-eval).
 
 Installing otprune puts ``otprune_autopatch.pth`` in site-packages. At interpreter start it
-checks two variables and, if either is set, arms an import hook (``_otprune_autopatch``); when
+checks two variables and, if either is set, arms an import hook (``_otprune_autopatch``). When
 LLaVA's ``llava.model.llava_arch`` is imported, :func:`patch_llava` makes every LLaVA model class
 (``LlavaLlamaForCausalLM``, ...) call ``otprune.apply(model, ...)`` with the settings below on each
-instance it constructs (``from_pretrained`` included). With neither variable set nothing is
-imported or patched.
+instance it constructs (``from_pretrained`` included); when transformers' LLaVA / LLaVA-NeXT
+modelling module is imported, :func:`patch_hf` does the same for ``LlavaForConditionalGeneration``
+and ``LlavaNextForConditionalGeneration`` (and subclasses that do not define their own
+``__init__``). With neither variable set nothing is imported or patched.
 
 The public release's variables:
   BASELINE=OURS        turns the route on (other values: off)
@@ -77,6 +79,32 @@ def settings_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[S
     return Settings(keep, layer, kwargs)
 
 
+HF_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+def patch_module(module: Any) -> None:
+    """Patch the model classes of a freshly imported target module (see ``_otprune_autopatch``)."""
+    if module.__name__.startswith("transformers."):
+        patch_hf(module)
+    else:
+        patch_llava(module)
+
+
+def patch_hf(module: Any) -> None:
+    """Make transformers' LLaVA / LLaVA-NeXT generation classes in ``module`` apply the
+    environment's settings at construction (idempotent)."""
+    for name in HF_CLASSES:
+        if hasattr(module, name):
+            _wrap_init(getattr(module, name))
+
+
+def unpatch_hf(module: Any) -> None:
+    """Undo :func:`patch_hf` (instances already patched stay patched)."""
+    for name in HF_CLASSES:
+        if hasattr(module, name):
+            _unwrap_init(getattr(module, name))
+
+
 def patch_llava(arch: Any) -> None:
     """Make every LLaVA model class apply the environment's settings at construction (idempotent).
 
@@ -112,12 +140,16 @@ def unpatch_llava(arch: Any) -> None:
     else:
         base.__init_subclass__ = saved
     for cls in _subclasses(base):
-        init = cls.__dict__.get("__init__")
-        if getattr(init, "__otprune_cls__", None) is cls:
-            if init.__otprune_own__ is None:
-                del cls.__init__
-            else:
-                cls.__init__ = init.__otprune_own__
+        _unwrap_init(cls)
+
+
+def _unwrap_init(cls: type) -> None:
+    init = cls.__dict__.get("__init__")
+    if getattr(init, "__otprune_cls__", None) is cls:
+        if init.__otprune_own__ is None:
+            del cls.__init__
+        else:
+            cls.__init__ = init.__otprune_own__
 
 
 def _subclasses(base: type) -> list:
@@ -138,7 +170,9 @@ def _wrap_init(cls: type) -> None:
     @functools.wraps(original)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        if type(self) is cls:  # the most-derived class: the instance is complete
+        # Only the outermost __init__ applies, once the instance is complete: the class's own, or
+        # an inherited one of a subclass that defines none.
+        if type(self).__init__ is __init__:
             settings = settings_from_env()
             if settings is not None:
                 from . import apply
