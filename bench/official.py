@@ -1,7 +1,8 @@
 """The public OTPrune release's per-image selection, transcribed literally (one image, B = 1).
 
-The benchmarks' baseline ("official"): its dtype handling, its host sync every greedy step
-(``.item()``), its repair loop and its ``list(set(...))`` output order are kept on purpose.
+The benchmarks' baseline ("official") and the tests' oracle for ``compat="official"``: its dtype
+handling, its host sync every greedy step (``.item()``), its repair loop and its
+``list(set(...))`` output order are kept on purpose.
 A batch is handled as the release does it: one image after another (:func:`official_batch`).
 """
 
@@ -43,12 +44,17 @@ def official_select(visual_feature_vectors: torch.Tensor, threshold_ratio: float
     visual_feature_vectors = visual_feature_vectors @ visual_feature_vectors.T
     max_length = int(round(threshold_ratio * image_feature_length))
     kernel_matrix = torch.eye(image_feature_length).to(device_cuda) + gamma * visual_feature_vectors @ visual_feature_vectors.T
-    selected_items = _greedy_select(kernel_matrix, max_length, image_feature_length, device_cuda, dtype)
+    return official_from_kernel(kernel_matrix, max_length, image_feature_length, device_cuda, dtype)
+
+
+def official_from_kernel(kernel_matrix, max_length, item_size, device_cuda, dtype) -> torch.Tensor:
+    """The release's greedy plus its repair loop on a given kernel (split out only for testing)."""
+    selected_items = _greedy_select(kernel_matrix, max_length, item_size, device_cuda, dtype)
     while len(set(selected_items)) < max_length:
         for i in selected_items:
             kernel_matrix[i, :] = 0
             kernel_matrix[:, i] = 0
-        index_new = _greedy_select(kernel_matrix, max_length - len(set(selected_items)), image_feature_length, device_cuda, dtype)
+        index_new = _greedy_select(kernel_matrix, max_length - len(set(selected_items)), item_size, device_cuda, dtype)
         selected_items.extend(index_new)
     assert len(set(selected_items)) == max_length
     return torch.tensor(list(set(selected_items)), dtype=torch.long, device=device_cuda)

@@ -28,6 +28,19 @@ __device__ __forceinline__ bool better(T v, int i, T bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// Warp-wide argmax of the lanes' (bv, bi) pairs; lane 0 ends with the winner.
+template <typename T>
+__device__ __forceinline__ void warp_argmax(T& bv, int& bi) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const T ov = __shfl_down_sync(0xffffffffu, bv, off);
+    const int oi = __shfl_down_sync(0xffffffffu, bi, off);
+    if (better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 // Block-wide argmax of d2[0:n] (torch.max semantics). Every thread gets the index and value.
 template <typename T>
 __device__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int& j, T& pivot) {
@@ -39,14 +52,7 @@ __device__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int& j, T
       bi = i;
     }
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    const T ov = __shfl_down_sync(0xffffffffu, bv, off);
-    const int oi = __shfl_down_sync(0xffffffffu, bi, off);
-    if (better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warp_argmax(bv, bi);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     red_v[warp] = bv;
@@ -56,14 +62,7 @@ __device__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int& j, T
   if (warp == 0) {
     bv = lane < kWarps ? red_v[lane] : neg_inf<T>();
     bi = lane < kWarps ? red_i[lane] : INT_MAX;
-    for (int off = 16; off > 0; off >>= 1) {
-      const T ov = __shfl_down_sync(0xffffffffu, bv, off);
-      const int oi = __shfl_down_sync(0xffffffffu, bi, off);
-      if (better(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    warp_argmax(bv, bi);
     if (lane == 0) {
       red_v[kWarps] = bv;
       red_i[kWarps] = bi;

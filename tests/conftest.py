@@ -19,7 +19,9 @@ if not os.environ.get("OTPRUNE_TEST_NO_INTERPRET"):
     if not _has_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/official_loop.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/hf_tiny.py, ...
+# bench/ (the release's loop transcribed, the harness) is a source-checkout folder, not installed.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,23 +1,21 @@
 """The benchmark harness: every `python -m bench <what> --quick` writes a sane CSV, markdown and PNG;
-the quality metrics and baselines behave as their definitions say; bench's copy of the public loop
-matches the test transcription."""
+the quality metrics and baselines behave as their definitions say; the transcription of the public
+loop (bench/official.py) agrees with otprune's own compat="official" implementation."""
 
 import csv
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+import otprune
+
 pytest.importorskip("matplotlib")
-# bench/ is a source-checkout folder, not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common, official, quality  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
-from official_loop import official_select as transcribed_select  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -115,11 +113,11 @@ def test_bad_subcommand():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bench_official_copy_matches_transcription(dtype):
+def test_official_transcription_matches_compat_mode(dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(97, 24, generator=g).to(dtype)
     ours = official.official_select(x, 0.2)
-    assert torch.equal(ours, transcribed_select(x.clone(), 0.2))
+    assert torch.equal(ours, otprune.select(x.clone(), 0.2, compat="official"))
     assert [t.tolist() for t in official.official_batch(x.unsqueeze(0).repeat(2, 1, 1), 0.2)] == [ours.tolist()] * 2
 
 
@@ -169,7 +167,6 @@ def test_divprune_definition():
 
 
 def test_random_has_lower_logdet_than_otprune_on_clusters():
-    import otprune
 
     for seed in range(3):
         x = quality.clustered_features(seed, n=200, d=32)

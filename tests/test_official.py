@@ -1,11 +1,11 @@
-"""compat="official" against the test-local transcription of the public release's loop."""
+"""compat="official" against the literal transcription of the public release's loop (bench/official.py)."""
 
 import pytest
 import torch
 
 import otprune
 from helpers import features
-from official_loop import official_from_kernel, official_select
+from bench.official import official_from_kernel, official_select
 from otprune.official import select_from_kernel
 
 

@@ -29,6 +29,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ._instance import restore
+
 # Releases with the LlavaModel / language_model layout this module relies on (from 4.52) up to the
 # 5.x series. Tested: 4.52.4, 4.57.6, 5.0.0 and 5.23.0.
 SUPPORTED = ("4.52", "6.0")
@@ -150,15 +152,7 @@ def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
 
 def revert(model: Any) -> Any:
     """Restore the instance attributes :func:`apply` replaced; a no-op on an unpatched model."""
-    state = model.__dict__.pop(_ATTR, None)
-    if state is None:
-        return model
-    for handle in state.hooks:
-        handle.remove()
-    for name in _PATCHED:
-        model.__dict__.pop(name, None)
-        if name in state.saved:
-            model.__dict__[name] = state.saved[name]
+    restore(model, _ATTR, _PATCHED)
     return model
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from . import hf_llava  # the batched select and the in-model (layer > 0) pruning hooks
+from ._instance import restore
 
 _ATTR = "_otprune_llava"
 _PREPARE = "prepare_inputs_labels_for_multimodal"
@@ -100,15 +101,7 @@ def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
 
 def revert(model: Any) -> Any:
     """Restore the instance attributes :func:`apply` replaced; a no-op on an unpatched model."""
-    state = model.__dict__.pop(_ATTR, None)
-    if state is None:
-        return model
-    for handle in state.hooks:
-        handle.remove()
-    for name in (_PREPARE,) + _OUTER:
-        model.__dict__.pop(name, None)
-        if name in state.saved:
-            model.__dict__[name] = state.saved[name]
+    restore(model, _ATTR, (_PREPARE,) + _OUTER)
     return model
 
 

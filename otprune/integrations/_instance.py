@@ -1,0 +1,20 @@
+"""Instance patching shared by the model integrations: what apply() replaced, and undoing it."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def restore(model: Any, attr: str, names: Iterable[str]) -> None:
+    """Undo an integration's apply(): pop its state from ``model.__dict__[attr]``, remove its hooks
+    and restore the instance attributes ``names`` (saved ones put back, the others deleted so the
+    class's methods show again). A no-op on an unpatched model."""
+    state = model.__dict__.pop(attr, None)
+    if state is None:
+        return
+    for handle in state.hooks:
+        handle.remove()
+    for name in names:
+        model.__dict__.pop(name, None)
+        if name in state.saved:
+            model.__dict__[name] = state.saved[name]
