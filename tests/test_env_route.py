@@ -227,3 +227,51 @@ def test_from_pretrained_is_patched(patched_class, monkeypatch, tmp_path):
     assert llava_original.is_patched(model)
     model.get_vision_tower().load_model()  # what LLaVA's load_pretrained_model does next
     assert _lm_lengths(model.eval()) == [t + 8 for t in TEXT]
+
+
+ACCELERATE_SCRIPT = r"""
+import json, os, sys, tempfile
+report = {"hook_loaded": "_otprune_autopatch" in sys.modules}  # put there by the installed .pth
+from accelerate import PartialState
+state = PartialState()
+from llava.model.builder import load_pretrained_model  # noqa: F401  (lmms-eval's import)
+sys.path.insert(0, sys.argv[1])
+from llava_tiny import prompt_ids, row_ids, tiny_images, tiny_llava15
+model = tiny_llava15(tempfile.mkdtemp())
+images, sizes = tiny_images(model, 4)
+ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
+lm = []
+def lm_hook(module, args, kwargs):
+    if kwargs.get("inputs_embeds") is not None:
+        lm.append(kwargs["attention_mask"].sum(1).tolist())
+model.get_model().register_forward_pre_hook(lm_hook, with_kwargs=True)
+model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=2, do_sample=False)
+report.update(lm=lm[0], rank=state.process_index, world=state.num_processes)
+with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as f:
+    json.dump(report, f)
+"""
+
+
+def test_accelerate_multi_process_launch(tmp_path):
+    """The release's launcher, two CPU processes: the installed .pth prunes in each of them."""
+    pytest.importorskip("accelerate")
+    try:
+        installed = metadata.distribution("otprune").locate_file("otprune_autopatch.pth")
+    except metadata.PackageNotFoundError:
+        pytest.skip("otprune is not pip-installed in this environment")
+    if not os.path.exists(installed):
+        pytest.skip("the installed otprune has no otprune_autopatch.pth (reinstall it)")
+    script = tmp_path / "job.py"
+    script.write_text(ACCELERATE_SCRIPT)
+    env = _clean_env(**RELEASE)
+    env.pop("PYTHONPATH")  # the installed package and its .pth only, as a user's launch sees them
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+           str(script), os.path.join(ROOT, "tests"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, rep in enumerate(reps):
+        assert rep["rank"] == r and rep["world"] == 2
+        assert rep["hook_loaded"]
+        assert rep["lm"] == [t + 2 * round(0.25 * N) for t in TEXT]

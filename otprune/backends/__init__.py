@@ -75,7 +75,10 @@ def usable(name: str, device_type: str) -> Tuple[bool, str]:
         return False, _load_errors.get(name, "failed to load")
     if device_type not in be.devices:
         return False, f"runs on {'/'.join(be.devices)} tensors only, not {device_type}"
-    return be.probe()
+    ok, why = be.probe()
+    if ok and device_type == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device is available"
+    return ok, why
 
 
 def resolve(backend: str, device: torch.device) -> Backend:
