@@ -6,6 +6,7 @@ PYTHONPATH, then import LLaVA the way lmms-eval does and run a tiny model, uncha
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -232,8 +233,6 @@ def test_from_pretrained_is_patched(patched_class, monkeypatch, tmp_path):
 ACCELERATE_SCRIPT = r"""
 import json, os, sys, tempfile
 report = {"hook_loaded": "_otprune_autopatch" in sys.modules}  # put there by the installed .pth
-from accelerate import PartialState
-state = PartialState()
 from llava.model.builder import load_pretrained_model  # noqa: F401  (lmms-eval's import)
 sys.path.insert(0, sys.argv[1])
 from llava_tiny import prompt_ids, row_ids, tiny_images, tiny_llava15
@@ -246,14 +245,16 @@ def lm_hook(module, args, kwargs):
         lm.append(kwargs["attention_mask"].sum(1).tolist())
 model.get_model().register_forward_pre_hook(lm_hook, with_kwargs=True)
 model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=2, do_sample=False)
-report.update(lm=lm[0], rank=state.process_index, world=state.num_processes)
-with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as f:
+rank = int(os.environ["RANK"])  # set by accelerate's torchrun-based launcher
+report.update(lm=lm[0], rank=rank, world=int(os.environ["WORLD_SIZE"]))
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump(report, f)
 """
 
 
 def test_accelerate_multi_process_launch(tmp_path):
-    """The release's launcher, two CPU processes: the installed .pth prunes in each of them."""
+    """The release's launcher with two processes (its multi-process path, torchrun underneath; on a
+    CPU-only machine each process runs on the CPU): the installed .pth prunes in each of them."""
     pytest.importorskip("accelerate")
     try:
         installed = metadata.distribution("otprune").locate_file("otprune_autopatch.pth")
@@ -265,8 +266,11 @@ def test_accelerate_multi_process_launch(tmp_path):
     script.write_text(ACCELERATE_SCRIPT)
     env = _clean_env(**RELEASE)
     env.pop("PYTHONPATH")  # the installed package and its .pth only, as a user's launch sees them
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2",
-           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
            str(script), os.path.join(ROOT, "tests"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
