@@ -21,11 +21,11 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// s: (B, N, N) float32/float64 symmetric similarity; ks: (B,) int64 CPU budgets in [1, N];
-// valid: optional (B, N) bool mask on s's device. Returns (B, max(ks)) int64 picks in greedy
-// order, -1 past ks[b], on s's device.
+// s: (B, N, N) float32/float64 symmetric similarity S, or with full = true (CPU only) the
+// precomputed gamma * S S^T; ks: (B,) int64 CPU budgets in [1, N]; valid: optional (B, N) bool
+// mask on s's device. Returns (B, max(ks)) int64 picks in greedy order, -1 past ks[b], on s's device.
 at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
-                  const c10::optional<at::Tensor>& valid_in) {
+                  const c10::optional<at::Tensor>& valid_in, bool full) {
   TORCH_CHECK(s_in.dim() == 3 && s_in.size(1) == s_in.size(2), "s must be (B, N, N), got ", s_in.sizes());
   TORCH_CHECK(s_in.scalar_type() == at::kFloat || s_in.scalar_type() == at::kDouble,
               "s must be float32 or float64, got ", s_in.scalar_type());
@@ -55,6 +55,7 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
   at::Tensor work = at::empty({B, std::max<int64_t>(k_max - 1, 1), N}, s.options());
 
   if (s.is_cuda()) {
+    TORCH_CHECK(!full, "full = true (precomputed kernel rows) is implemented for CPU tensors only");
 #ifdef WITH_CUDA
     const c10::cuda::CUDAGuard guard(s.device());
     const at::Tensor ks_dev = ragged ? ks.to(s.device()) : at::Tensor();
@@ -75,7 +76,7 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
   TORCH_CHECK(s.device().is_cpu(), "s must be a CPU or CUDA tensor, got ", s.device());
   at::Tensor d2 = at::empty({B, N}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "otprune_greedy_cpu", [&] {
-    otprune::greedy_cpu<scalar_t>(s.data_ptr<scalar_t>(), kp, vp, B, N, k_max, static_cast<scalar_t>(gamma),
+    otprune::greedy_cpu<scalar_t>(s.data_ptr<scalar_t>(), full, kp, vp, B, N, k_max, static_cast<scalar_t>(gamma),
                                   work.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), picks.data_ptr<int64_t>());
   });
   return picks;
@@ -86,6 +87,6 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otprune compiled greedy log-det maximisation";
   m.def("greedy", &greedy, "Greedy picks (B, max(ks)) int64 in selection order, -1 past ks[b].", py::arg("s"),
-        py::arg("ks"), py::arg("gamma"), py::arg("valid") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("ks"), py::arg("gamma"), py::arg("valid") = py::none(), py::arg("full") = false, py::call_guard<py::gil_scoped_release>());
   m.attr("with_cuda") = py::bool_(kWithCuda);
 }

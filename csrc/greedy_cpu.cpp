@@ -50,17 +50,23 @@ void row_product(const T* __restrict__ s, int64_t n, int64_t j, T* __restrict__ 
   }
 }
 
-// The whole greedy for one image (see greedy_cpu.h for the buffers).
+// The whole greedy for one image (see greedy_cpu.h for the buffers and the two forms of s).
 template <typename T>
-void greedy_one(const T* s, int64_t k, const uint8_t* valid, int64_t n, int64_t k_max, T gamma, T* c, T* d2,
-                int64_t* picks) {
+void greedy_one(const T* s, bool full, int64_t k, const uint8_t* valid, int64_t n, int64_t k_max, T gamma, T* c,
+                T* d2, int64_t* picks) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) {  // d2 = diag(L) = 1 + gamma * ||S_i||^2
     const T* row = s + i * n;
-    T acc = 0;
-    for (int64_t m = 0; m < n; ++m) acc += row[m] * row[m];
-    const T norm = std::sqrt(acc);
-    d2[i] = (valid && !valid[i]) ? neg_inf : norm * norm * gamma + T(1);
+    T g;
+    if (full) {
+      g = row[i];
+    } else {
+      T acc = 0;
+      for (int64_t m = 0; m < n; ++m) acc += row[m] * row[m];
+      const T norm = std::sqrt(acc);
+      g = norm * norm * gamma;
+    }
+    d2[i] = (valid && !valid[i]) ? neg_inf : g + T(1);
   }
   int64_t j = argmax(d2, n);
   picks[0] = j;
@@ -68,8 +74,12 @@ void greedy_one(const T* s, int64_t k, const uint8_t* valid, int64_t n, int64_t 
     // e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) * scale;  C[t, :] = e;  d2 -= e * e.
     const T scale = T(1) / std::sqrt(d2[j]);
     T* __restrict__ e = c + t * n;
-    row_product(s, n, j, e);
-    for (int64_t i = 0; i < n; ++i) e[i] *= gamma;
+    if (full) {
+      std::copy(s + j * n, s + (j + 1) * n, e);
+    } else {
+      row_product(s, n, j, e);
+      for (int64_t i = 0; i < n; ++i) e[i] *= gamma;
+    }
     for (int64_t r = 0; r < t; ++r) {
       const T a = c[r * n + j];
       const T* __restrict__ row = c + r * n;
@@ -89,20 +99,20 @@ void greedy_one(const T* s, int64_t k, const uint8_t* valid, int64_t n, int64_t 
 }  // namespace
 
 template <typename T>
-void greedy_cpu(const T* s, const int64_t* ks, const uint8_t* valid, int64_t batch, int64_t n, int64_t k_max,
-                T gamma, T* work, T* d2, int64_t* picks) {
+void greedy_cpu(const T* s, bool full, const int64_t* ks, const uint8_t* valid, int64_t batch, int64_t n,
+                int64_t k_max, T gamma, T* work, T* d2, int64_t* picks) {
   const int64_t rows = std::max<int64_t>(k_max - 1, 1);
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      greedy_one(s + b * n * n, ks[b], valid ? valid + b * n : nullptr, n, k_max, gamma, work + b * rows * n,
+      greedy_one(s + b * n * n, full, ks[b], valid ? valid + b * n : nullptr, n, k_max, gamma, work + b * rows * n,
                  d2 + b * n, picks + b * k_max);
     }
   });
 }
 
-template void greedy_cpu<float>(const float*, const int64_t*, const uint8_t*, int64_t, int64_t, int64_t, float,
-                                float*, float*, int64_t*);
-template void greedy_cpu<double>(const double*, const int64_t*, const uint8_t*, int64_t, int64_t, int64_t,
+template void greedy_cpu<float>(const float*, bool, const int64_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                float, float*, float*, int64_t*);
+template void greedy_cpu<double>(const double*, bool, const int64_t*, const uint8_t*, int64_t, int64_t, int64_t,
                                  double, double*, double*, int64_t*);
 
 }  // namespace otprune

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .._ext import load
 from ..kernel import similarity
 from . import Backend
-from .cpu_ext import greedy
 
 _C = load()  # ImportError here marks the backend unavailable, with the reason
+
+
+def greedy(s: torch.Tensor, ks: Sequence[int], gamma: float, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, N, N) float32/float64 CUDA S -> (B, max(ks)) int64 picks: one kernel launch, kernel rows
+    formed per step from S (untested on GPU)."""
+    return _C.greedy(s, torch.tensor(list(ks), dtype=torch.int64), float(gamma), valid)
 
 
 def probe() -> Tuple[bool, str]:
