@@ -2,8 +2,9 @@
 
 what: select | e2e | quality | exact-vs-official. `--quick` runs a small configuration (under a
 minute on a CPU) and writes <what>_quick.* files; results go to bench/results/ unless --out names
-another folder. `--threads N` sets torch's CPU threads for the run (the committed CPU results used
---threads 1: on a machine shared with other jobs, multi-threaded ops stall on busy cores).
+another folder. `--threads N` sets torch's CPU threads for the run (the committed CPU results hold
+runs at --threads 2 and --threads 1: on a machine shared with other jobs, multi-threaded ops stall
+on busy cores, and one thread gives the steadier ratios).
 """
 
 from __future__ import annotations

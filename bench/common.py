@@ -48,12 +48,16 @@ def device_name(device: torch.device) -> str:
 
 
 def git_revision() -> str:
-    """Short revision of the checkout holding bench/, with ``+dirty`` for uncommitted changes."""
+    """Short revision of the checkout holding bench/, with ``+dirty`` for uncommitted changes.
+
+    Changes under bench/results/ do not count: a run that rewrites the committed results must
+    not stamp its own rows dirty."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         return "unknown"
