@@ -39,10 +39,13 @@ def normalize_features(
     if valid is not None:
         x = x * valid.unsqueeze(-1).to(x.dtype)
     dim = -2 if normalize == "feature" else -1
-    # square().sum() is several times faster than vector_norm over a strided dim on CPU.
-    sq = x.square().sum(dim, keepdim=True)
+    # The output buffer holds the squares first (one (B, N, d) allocation instead of two: fresh
+    # pages cost as much as the arithmetic on CPU). square + sum is several times faster than
+    # vector_norm over a strided dim on CPU.
+    y = torch.mul(x, x)
+    sq = y.sum(dim, keepdim=True)
     inv = torch.where(sq > NORM_EPS, sq.clamp_min(NORM_EPS).rsqrt(), 0.0)
-    return x * inv
+    return torch.mul(x, inv, out=y)
 
 
 def symmetric_gram(y: torch.Tensor, block: int = 256) -> torch.Tensor:
