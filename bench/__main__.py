@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import RESULTS_DIR
+from .common import RESULTS_DIR, save_figure
 
 SUBCOMMANDS = {
     "select": "bench.select",
@@ -94,9 +94,7 @@ def _plot_exact_vs_official(csv_path: str, png_path: str) -> None:
         ax.set_xlabel("image")
         ax.legend(fontsize=8)
     fig.suptitle("Exact vs official numerics (fp16 input, keep 0.098)")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 if __name__ == "__main__":

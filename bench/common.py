@@ -216,6 +216,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> None:
+    """Lay out, write as PNG (100 dpi) and close a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def env_line(rows: List[Dict[str, str]]) -> str:
     """One markdown line naming the devices, versions, revisions and run times behind ``rows``."""
     runs: Dict[str, List[str]] = {}

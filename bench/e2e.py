@@ -245,9 +245,7 @@ def _plot(rows: List[Dict[str, str]], path: str) -> None:
         ax.set_title(f"{model}, B={B}\n{dev[:28]}", fontsize=9)
         ax.set_ylabel("ms")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

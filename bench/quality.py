@@ -236,9 +236,7 @@ def _plot(summ: List[dict], path: str) -> None:
             ax.set_title(f"{family}: {label}", fontsize=9)
             ax.set_xlabel("keep ratio")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

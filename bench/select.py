@@ -131,9 +131,7 @@ def _plot(rows: List[Dict[str, str]], path: str) -> None:
     a2.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
     a1.legend()
     a1.set_title("OTPrune selection latency per batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def _label(r: Dict[str, str]) -> str:

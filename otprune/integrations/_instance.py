@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+
+@dataclass
+class PatchState:
+    """Settings of a patched instance, stored on it by either integration's apply()."""
+
+    keep: Any
+    layer: int
+    select_kwargs: dict
+    saved: dict  # name -> the instance attribute it replaced (absent: the class method was used)
+    hooks: list = field(default_factory=list)  # decoder-layer pre-hook handles (layer > 0)
+    plan: Optional[Any] = None  # hf_llava._Plan of the running call (layer > 0)
+    depth: int = 0  # nesting of generate / forward calls (layer > 0, original codebase)
 
 
 def restore(model: Any, attr: str, names: Iterable[str]) -> None:

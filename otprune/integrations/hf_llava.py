@@ -24,30 +24,18 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ._instance import restore
+from ._instance import PatchState, restore
 
 # Releases with the LlavaModel / language_model layout this module relies on (from 4.52) up to the
 # 5.x series. Tested: 4.52.4, 4.57.6, 5.0.0 and 5.23.0.
 SUPPORTED = ("4.52", "6.0")
 _ATTR = "_otprune_hf"
 _PATCHED = ("generate", "forward")
-
-
-@dataclass
-class _State:
-    """Settings of a patched instance, stored on it."""
-
-    keep: Any
-    layer: int
-    select_kwargs: dict
-    saved: dict  # name -> the instance attribute it replaced (absent: the class method was used)
-    hooks: list = field(default_factory=list)  # decoder-layer pre-hook handles (layer > 0)
-    plan: Optional["_Plan"] = None  # the running call's in-model pruning plan (layer > 0)
 
 
 @dataclass
@@ -138,7 +126,7 @@ def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
     _check_settings(keep, select_kwargs)
     revert(model)  # applying again starts from the original instance
     saved = {name: model.__dict__[name] for name in _PATCHED if name in model.__dict__}
-    state = _State(keep, layer, dict(select_kwargs), saved)
+    state = PatchState(keep, layer, dict(select_kwargs), saved)
     orig_generate, orig_forward = model.generate, model.forward
     model.__dict__[_ATTR] = state
     model.__dict__["generate"] = _wrap_generate(model, orig_generate)
@@ -402,7 +390,7 @@ def _check_layer(model: Any, layer: int) -> None:
 
 def _full_inputs(
     model: Any,
-    state: _State,
+    state: PatchState,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     pixel_values: torch.Tensor,
@@ -450,7 +438,7 @@ def _layer_hook(model: Any, i: int, module: Any, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def _prune_hidden(plan: _Plan, hidden: torch.Tensor, state: _State) -> torch.Tensor:
+def _prune_hidden(plan: _Plan, hidden: torch.Tensor, state: PatchState) -> torch.Tensor:
     """Select by the layer-L hidden states (B, T, D) -> the kept rows (B, L', D); fills the plan."""
     if hidden.shape[1] != plan.is_image.shape[1] or hidden.shape[0] % plan.is_image.shape[0]:
         raise RuntimeError("otprune: the first language-model call is not the prompt's prefill")

@@ -22,36 +22,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import torch
 
 from . import hf_llava  # the batched select and the in-model (layer > 0) pruning hooks
-from ._instance import restore
+from ._instance import PatchState, restore
 
 _ATTR = "_otprune_llava"
 _PREPARE = "prepare_inputs_labels_for_multimodal"
 _OUTER = ("generate", "forward")  # wrapped for layer > 0 only: they end a call's pruning plan
 
 
-@dataclass
-class _State:
-    """Settings of a patched instance, stored on it (field names as hf_llava's layer hooks read them)."""
-
-    keep: Any
-    layer: int
-    select_kwargs: dict
-    saved: dict  # name -> the instance attribute it replaced (absent: the class method was used)
-    hooks: list = field(default_factory=list)
-    plan: Optional[Any] = None  # hf_llava._Plan of the running call (layer > 0)
-    depth: int = 0  # nesting of generate / forward calls (layer > 0)
-
-
 class _Holder:
     """What hf_llava's layer hooks take as "the model": an object carrying the state."""
 
-    def __init__(self, state: _State):
+    def __init__(self, state: PatchState):
         self.__dict__[hf_llava._ATTR] = state
 
 
@@ -85,7 +71,7 @@ def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
     revert(model)
     names = (_PREPARE,) + (_OUTER if layer > 0 else ())
     saved = {name: model.__dict__[name] for name in names if name in model.__dict__}
-    state = _State(keep, layer, dict(select_kwargs), saved)
+    state = PatchState(keep, layer, dict(select_kwargs), saved)
     orig = model.__dict__.get(_PREPARE) or original_prepare(model)
     model.__dict__[_ATTR] = state
     model.__dict__[_PREPARE] = _wrap_prepare(model, orig)
@@ -194,7 +180,7 @@ def _check_layer(model: Any, layer: int) -> None:
         )
 
 
-def _prepare_full(model: Any, state: _State, orig: Callable, args: tuple, feats: List[torch.Tensor]):
+def _prepare_full(model: Any, state: PatchState, orig: Callable, args: tuple, feats: List[torch.Tensor]):
     """Run LLaVA's function unpruned; record where each image's tokens landed for the layer hooks."""
     from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -219,7 +205,7 @@ def _prepare_full(model: Any, state: _State, orig: Callable, args: tuple, feats:
     return None, pos, mask, pkv, embeds, None
 
 
-def _wrap_outer(state: _State, orig: Callable) -> Callable:
+def _wrap_outer(state: PatchState, orig: Callable) -> Callable:
     """generate / forward: the outermost call drops the pruning plan when it ends."""
 
     @functools.wraps(orig)
