@@ -79,6 +79,7 @@ def greedy_picks(
         # d2 = diag(L) = 1 + gamma * ||S_i||^2: every item's residual (squared Cholesky pivot).
         d2 = torch.linalg.vector_norm(s, dim=-1).square_().mul_(gamma).add_(1.0)
         src = s.view(B * N, N)
+    beta = 1.0 if full else gamma  # scale of the fetched row: G's rows carry gamma already
     if valid is not None:
         d2.masked_fill_(~valid, float("-inf"))
     # Cholesky rows, step-major so that step t's rows c[t] (B, N) are one contiguous block.
@@ -95,7 +96,6 @@ def greedy_picks(
             torch.index_select(src, 0, flat, out=c[t])
         else:
             torch.bmm(src.index_select(0, flat).unsqueeze(1), s, out=e)
-        beta = 1.0 if full else gamma
         if t:
             prev = c[:t].transpose(0, 1)  # (B, t, N)
             cj = prev.gather(2, j.view(B, 1, 1).expand(B, t, 1)).transpose(1, 2)  # (B, 1, t)
