@@ -15,7 +15,7 @@ class PatchState:
     select_kwargs: dict
     saved: dict  # name -> the instance attribute it replaced (absent: the class method was used)
     hooks: list = field(default_factory=list)  # decoder-layer pre-hook handles (layer > 0)
-    plan: Optional[Any] = None  # hf_llava._Plan of the running call (layer > 0)
+    plan: Optional[Any] = None  # _sequence.Plan of the running call (layer > 0)
     depth: int = 0  # nesting of generate / forward calls (layer > 0, original codebase)
 
 
@@ -32,3 +32,16 @@ def restore(model: Any, attr: str, names: Iterable[str]) -> None:
         model.__dict__.pop(name, None)
         if name in state.saved:
             model.__dict__[name] = state.saved[name]
+
+
+def check_version(version: str, supported: tuple, what: str, tested: str) -> None:
+    """Raise RuntimeError unless transformers ``version`` lies in ``supported`` = (lo, hi), lo
+    included and hi excluded; ``what`` names the family, ``tested`` the releases tested."""
+    from packaging.version import Version
+
+    lo, hi = supported
+    if not (Version(lo) <= Version(version) < Version(hi)):
+        raise RuntimeError(
+            f"otprune: transformers {version} is not supported for {what} pruning; "
+            f"supported: >= {lo}, < {hi} (tested {tested})"
+        )

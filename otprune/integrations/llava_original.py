@@ -26,19 +26,20 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from . import hf_llava  # the batched select and the in-model (layer > 0) pruning hooks
 from ._instance import PatchState, restore
+from ._sequence import (
+    Plan,
+    add_layer_hooks,
+    check_attention,
+    check_layer,
+    check_layer_arg,
+    check_settings,
+    select_kept,
+)
 
 _ATTR = "_otprune_llava"
 _PREPARE = "prepare_inputs_labels_for_multimodal"
 _OUTER = ("generate", "forward")  # wrapped for layer > 0 only: they end a call's pruning plan
-
-
-class _Holder:
-    """What hf_llava's layer hooks take as "the model": an object carrying the state."""
-
-    def __init__(self, state: PatchState):
-        self.__dict__[hf_llava._ATTR] = state
 
 
 def _arch():
@@ -63,11 +64,10 @@ def original_prepare(model: Any) -> Callable:
 
 def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
     """Patch ``model`` in place (see the module docstring); applying again replaces the settings."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+    check_layer_arg(layer)
     if layer > 0:
         _check_layer(model, layer)
-    hf_llava._check_settings(keep, select_kwargs)
+    check_settings(keep, select_kwargs)
     revert(model)
     names = (_PREPARE,) + (_OUTER if layer > 0 else ())
     saved = {name: model.__dict__[name] for name in names if name in model.__dict__}
@@ -78,10 +78,7 @@ def apply(model: Any, keep: Any, layer: int, select_kwargs: dict) -> Any:
     if layer > 0:
         for name in _OUTER:
             model.__dict__[name] = _wrap_outer(state, getattr(model, name))
-        holder = _Holder(state)
-        for i, block in enumerate(_decoder_layers(model)[layer:], start=layer):
-            hook = functools.partial(hf_llava._layer_hook, holder, i)
-            state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        add_layer_hooks(state, _decoder_layers(model))
     return model
 
 
@@ -107,7 +104,7 @@ def _wrap_prepare(model: Any, orig: Callable) -> Callable:
             with _encoded_as(model, feats):
                 return _prepare_full(model, state, orig, args[:5] + (placeholder, image_sizes), feats)
         with torch.no_grad():
-            kept = hf_llava._select_kept(feats, state.keep, state.select_kwargs)
+            kept = select_kept(feats, state.keep, state.select_kwargs)
         pruned = [f[k.to(f.device)] for f, k in zip(feats, kept)]
         with _encoded_as(model, pruned):
             return orig(input_ids, position_ids, attention_mask, past_key_values, labels, placeholder, image_sizes)
@@ -170,14 +167,8 @@ def _decoder_layers(model: Any):
 
 
 def _check_layer(model: Any, layer: int) -> None:
-    n = len(_decoder_layers(model))
-    if layer >= n:
-        raise ValueError(f"layer must be < the language model's {n} decoder layers, got {layer}")
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ("eager", "sdpa"):
-        raise NotImplementedError(
-            f"otprune: layer > 0 needs attn_implementation 'eager' or 'sdpa' (it builds 4-D masks), got {impl!r}"
-        )
+    check_layer(_decoder_layers(model), layer)
+    check_attention(getattr(model.config, "_attn_implementation", None))
 
 
 def _prepare_full(model: Any, state: PatchState, orig: Callable, args: tuple, feats: List[torch.Tensor]):
@@ -201,7 +192,7 @@ def _prepare_full(model: Any, state: PatchState, orig: Callable, args: tuple, fe
     for c in counts:
         placed += n_tokens[j:j + c]
         j += max(c, 1)
-    state.plan = hf_llava._Plan(is_image, placed, valid.long())
+    state.plan = Plan(is_image, placed, valid.long())
     return None, pos, mask, pkv, embeds, None
 
 
