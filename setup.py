@@ -127,7 +127,12 @@ setup(
     name="otprune",
     version="0.1.0",
     description="Fast, faithful OTPrune visual-token pruning for multimodal LLMs",
-    packages=find_packages(include=["otprune", "otprune.*", "triton_kernels", "triton_kernels.*"]),
+    # The Triton kernels live in the top-level source folder triton_kernels/ but install only as
+    # otprune.triton_kernels: Triton publishes a top-level package of that name (vLLM imports it).
+    # otprune/triton_kernels is a symlink to the folder so that a plain checkout imports it the same way.
+    packages=find_packages(include=["otprune", "otprune.*"], exclude=["otprune.triton_kernels*"])
+    + ["otprune.triton_kernels"],
+    package_dir={"otprune.triton_kernels": "triton_kernels"},
     py_modules=["_otprune_autopatch"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],

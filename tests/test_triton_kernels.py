@@ -16,7 +16,7 @@ from helpers import LOGDET_RTOL, NEAR_TIE, check_exact, features, quiet_select
 from reference import ref_greedy
 
 pytest.importorskip("triton", reason="triton is not installed")
-import triton_kernels as tk  # noqa: E402  (installed with otprune; an ImportError here is an install bug)
+from otprune import triton_kernels as tk  # noqa: E402  (installed with otprune; an ImportError is an install bug)
 
 DEV = "cpu" if tk.interpreting() else "cuda"
 _ok, _why = backends.usable("triton", DEV)

@@ -11,9 +11,27 @@ Every kernel runs in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET
 import; that is how they are tested here. On a GPU they are untested.
 """
 
-from ._env import interpreting
-from .greedy import choose_strategy, greedy
-from .kernel_rows import kernel_matrix, kernel_rows
-from .similarity import similarity
+if __name__ == "triton_kernels":
+    # Reached as a top-level package because a checkout's root is on sys.path (the current directory,
+    # PYTHONPATH). That name belongs to Triton's own package: hand the import to the next
+    # ``triton_kernels`` on the path, never claim it (otprune imports this folder as otprune.triton_kernels).
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["choose_strategy", "greedy", "interpreting", "kernel_matrix", "kernel_rows", "similarity"]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.realpath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'triton_kernels' (the checkout's triton_kernels/ folder "
+                                  "is otprune's source, imported as otprune.triton_kernels)", name=__name__)
+    sys.modules[__name__] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[__name__])
+else:
+    from ._env import interpreting
+    from .greedy import choose_strategy, greedy
+    from .kernel_rows import kernel_matrix, kernel_rows
+    from .similarity import similarity
+
+    __all__ = ["choose_strategy", "greedy", "interpreting", "kernel_matrix", "kernel_rows", "similarity"]

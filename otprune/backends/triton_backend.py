@@ -1,4 +1,4 @@
-"""Triton backend: stage 1 and stage 2 as Triton kernels (package ``triton_kernels``).
+"""Triton backend: stage 1 and stage 2 as Triton kernels (package ``otprune.triton_kernels``).
 
 Devices: CUDA tensors on a GPU. When Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` set
 before import, as the tests do without a GPU) the backend takes CPU tensors instead, and only them:
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import triton_kernels as tk
+from .. import triton_kernels as tk
 
 from ..greedy import greedy_picks
 from ..kernel import similarity as torch_similarity
