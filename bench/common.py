@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, environment stamp, CSV append, markdown table, PNG plot, progress.
+"""Shared benchmark plumbing: timing, environment stamp, CSV append, markdown table, PNG plot
+(skipped without matplotlib), progress.
 
 Timing (p20/p50/p80): on CUDA ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flush) for
 calls under 20 ms, a loop of CUDA-event timings for longer ones or without Triton; on CPU the wall
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import importlib
 import os
 import platform
@@ -204,6 +206,23 @@ def fmt(v) -> str:
     except (TypeError, ValueError):
         return str(v)
     return "-" if f != f else f"{f:.4g}"
+
+
+def optional_plot(draw: Callable[..., None]) -> Callable[..., None]:
+    """Decorator for a figure writer ``draw(data, path)``: without matplotlib, say so and skip it.
+
+    The CSV and markdown results never depend on matplotlib; only the PNG is left out."""
+
+    @functools.wraps(draw)
+    def wrapper(data, path: str) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"plot skipped (matplotlib not installed): {path} not written")
+            return
+        draw(data, path)
+
+    return wrapper
 
 
 def pyplot():

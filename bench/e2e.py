@@ -229,6 +229,7 @@ def write_report(stem: str) -> None:
     _plot(rows, stem + ".png")
 
 
+@common.optional_plot
 def _plot(rows: List[Dict[str, str]], path: str) -> None:
     plt = common.pyplot()
     groups = list(dict.fromkeys((r["device"], r["model"], r["B"]) for r in rows))

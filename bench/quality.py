@@ -221,6 +221,7 @@ def write_report(stem: str) -> None:
     _plot(summ, stem + ".png")
 
 
+@common.optional_plot
 def _plot(summ: List[dict], path: str) -> None:
     plt = common.pyplot()
     families = list(dict.fromkeys(r["features"] for r in summ))

@@ -113,6 +113,7 @@ def write_report(stem: str) -> None:
     _plot(rows, stem + ".png")
 
 
+@common.optional_plot
 def _plot(rows: List[Dict[str, str]], path: str) -> None:
     plt = common.pyplot()
     labels = list(dict.fromkeys(_label(r) for r in rows))

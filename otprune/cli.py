@@ -6,7 +6,7 @@ import argparse
 import importlib
 import platform
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 def _cmd_info(args) -> int:
@@ -27,10 +27,9 @@ def _cmd_info(args) -> int:
         print(f"device: CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
     else:
         print(f"device: CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    print("backends:")
-    for name, dev, ok, why in backends.report():
-        state = "usable" if ok else f"not usable: {why}"
-        print(f"  {name:7s} on {dev:4s}  {state}")
+    print("backends (each on the device types it targets):")
+    for name, states in _backend_states(backends.report()).items():
+        print(f"  {name:7s} {states}")
     for dev in ("cpu", "cuda"):
         if dev == "cuda" and not torch.cuda.is_available():
             continue
@@ -38,8 +37,36 @@ def _cmd_info(args) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(f"auto on {dev}: {backends.resolve('auto', torch.device(dev)).name}")
+            for label, shape in _auto_shapes(dev):
+                print(f"auto on {dev}{label}: {backends.resolve('auto', torch.device(dev), shape).name}")
     return 0
+
+
+def _auto_shapes(dev: str):
+    """(label, shape) pairs info reports auto's pick for: one on CPU (a fixed order); on CUDA the
+    cost model's target shapes (B 1 / 32, N 576 / 2880, d 4096, keep 0.098, fp16)."""
+    import torch
+
+    from otprune.cost_model import round_budget
+
+    if dev != "cuda":
+        return [("", None)]
+    shapes = [(B, N, 4096, round_budget(0.098, N), torch.float16) for B in (1, 32) for N in (576, 2880)]
+    return [(f" (B={B}, N={N}, d={d}, k={k}, fp16; by the cost model)", (B, N, d, k, dt))
+            for B, N, d, k, dt in shapes]
+
+
+def _backend_states(rows) -> Dict[str, str]:
+    """backend -> "cpu: usable; cuda: not usable (why)" from backends.report() rows, one entry each.
+
+    Device types that fail for the same reason share one clause ("cpu, cuda: not usable (why)").
+    """
+    by_name: Dict[str, Dict[str, List[str]]] = {}
+    for name, dev, ok, why in rows:
+        state = "usable" if ok else f"not usable ({why})"
+        by_name.setdefault(name, {}).setdefault(state, []).append(dev)
+    return {name: "; ".join(f"{', '.join(devs)}: {state}" for state, devs in states.items())
+            for name, states in by_name.items()}
 
 
 def _cmd_demo(args) -> int:

@@ -20,6 +20,11 @@ def test_info_lists_backends(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "torch" in r.stdout and "usable" in r.stdout
     assert "auto on cpu:" in r.stdout
+    # Each backend on one line, naming the device types it targets.
+    listed = [line.split()[0] for line in r.stdout.split("backends")[1].splitlines()[1:] if line.startswith("  ")]
+    assert sorted(listed) == sorted(["cuda", "triton", "cpu", "torch"]), r.stdout
+    torch_line = next(line for line in r.stdout.splitlines() if line.startswith("  torch "))
+    assert "cpu" in torch_line and "cuda" in torch_line, torch_line
 
 
 def test_demo_writes_png(tmp_path):
