@@ -1,15 +1,19 @@
-// Python module otprune._C: greedy(s, ks, gamma, valid=None) for CPU and (when built with
-// WITH_CUDA) CUDA tensors. Checks arguments, allocates outputs and scratch, dispatches on dtype.
-#include <torch/extension.h>
+// Python module otprune._C: greedy(s, ks, gamma, valid=None, full=False, stream=0) for CPU and
+// (when built with WITH_CUDA) CUDA tensors. Checks arguments, allocates outputs and scratch,
+// dispatches on dtype. The CUDA branch needs only the CUDA runtime header (greedy_cuda.h) besides
+// torch's device-generic headers: the caller hands the CUDA stream over as an integer, so the
+// branch compiles (syntax-only) against a CPU build of torch too.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 
 #include "greedy_cpu.h"
 
 #ifdef WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "greedy_cuda.h"
 #endif
 
@@ -23,9 +27,11 @@ constexpr bool kWithCuda = false;
 
 // s: (B, N, N) float32/float64 symmetric similarity S, or with full = true (CPU only) the
 // precomputed gamma * S S^T; ks: (B,) int64 CPU budgets in [1, N]; valid: optional (B, N) bool
-// mask on s's device. Returns (B, max(ks)) int64 picks in greedy order, -1 past ks[b], on s's device.
+// mask on s's device; stream: the cudaStream_t to launch on, as an integer (CUDA only; the caller
+// passes torch.cuda.current_stream().cuda_stream). Returns (B, max(ks)) int64 picks in greedy
+// order, -1 past ks[b], on s's device.
 at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
-                  const c10::optional<at::Tensor>& valid_in, bool full) {
+                  const c10::optional<at::Tensor>& valid_in, bool full, int64_t stream_handle) {
   TORCH_CHECK(s_in.dim() == 3 && s_in.size(1) == s_in.size(2), "s must be (B, N, N), got ", s_in.sizes());
   TORCH_CHECK(s_in.scalar_type() == at::kFloat || s_in.scalar_type() == at::kDouble,
               "s must be float32 or float64, got ", s_in.scalar_type());
@@ -57,9 +63,10 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
   if (s.is_cuda()) {
     TORCH_CHECK(!full, "full = true (precomputed kernel rows) is implemented for CPU tensors only");
 #ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(s.device());
-    const at::Tensor ks_dev = ragged ? ks.to(s.device()) : at::Tensor();
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.get_device()).stream();
+    const c10::DeviceGuard guard(s.device());
+    // Ragged budgets travel through pinned memory: an asynchronous copy, no host synchronisation.
+    const at::Tensor ks_dev = ragged ? ks.pin_memory().to(s.device(), at::kLong, /*non_blocking=*/true) : at::Tensor();
+    const auto stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "otprune_greedy_cuda", [&] {
       TORCH_CHECK(N <= otprune::cuda_max_n<scalar_t>(), "the CUDA greedy supports N <= ",
                   otprune::cuda_max_n<scalar_t>(), " for ", s.scalar_type(), ", got N = ", N);
@@ -87,6 +94,7 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otprune compiled greedy log-det maximisation";
   m.def("greedy", &greedy, "Greedy picks (B, max(ks)) int64 in selection order, -1 past ks[b].", py::arg("s"),
-        py::arg("ks"), py::arg("gamma"), py::arg("valid") = py::none(), py::arg("full") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("ks"), py::arg("gamma"), py::arg("valid") = py::none(), py::arg("full") = false, py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.attr("with_cuda") = py::bool_(kWithCuda);
 }

@@ -24,6 +24,7 @@ import torch
 
 from helpers import check_exact, features
 from otprune.kernel import similarity
+from test_cuda_sources import cuda_include_dir
 
 pytestmark = pytest.mark.simt
 GAMMA = 0.01
@@ -44,15 +45,9 @@ SANITIZER_ENV = {
 }
 
 
-def cuda_include_dir():
+def kernel_include_dir():
     """The CUDA toolkit's include directory (for its math_constants.h), else the tests' stand-in."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            cand = Path(os.environ[var]) / "include"
-            if (cand / "math_constants.h").exists():
-                return cand
-    cand = Path("/usr/local/cuda/include")
-    return cand if (cand / "math_constants.h").exists() else SIMT / "fallback"
+    return cuda_include_dir("math_constants.h") or SIMT / "fallback"
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +64,7 @@ def simt_binary(tmp_path_factory):
         if name not in built:
             out = folder / f"driver_{name}"
             cmd = [CXX, "-std=c++20", "-pthread", *BUILDS[name][0], "-include", str(SIMT / "simt.h"),
-                   f"-I{ROOT / 'csrc'}", "-idirafter", str(cuda_include_dir()),
+                   f"-I{ROOT / 'csrc'}", "-idirafter", str(kernel_include_dir()),
                    str(SIMT / "driver.cpp"), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
@@ -178,7 +173,7 @@ def test_emulation_catches_a_missing_barrier(simt_binary, tmp_path):
     (tmp_path / "greedy_kernel.cuh").write_text(kernel.replace("__syncthreads();", ";"))
     binary = tmp_path / "driver_racy"
     cmd = [CXX, "-std=c++20", "-pthread", *BUILDS["tsan"][0], "-include", str(SIMT / "simt.h"), f"-I{tmp_path}",
-           "-idirafter", str(cuda_include_dir()), str(SIMT / "driver.cpp"), "-o", str(binary)]
+           "-idirafter", str(kernel_include_dir()), str(SIMT / "driver.cpp"), "-o", str(binary)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     x, s, valid = make_case(1, 37, 5, seed=1, dtype=torch.float32)

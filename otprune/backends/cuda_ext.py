@@ -16,7 +16,8 @@ _C = load()  # ImportError here marks the backend unavailable, with the reason
 def greedy(s: torch.Tensor, ks: Sequence[int], gamma: float, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, N, N) float32/float64 CUDA S -> (B, max(ks)) int64 picks: one kernel launch, kernel rows
     formed per step from S (untested on GPU)."""
-    return _C.greedy(s, torch.tensor(list(ks), dtype=torch.int64), float(gamma), valid)
+    stream = torch.cuda.current_stream(s.device).cuda_stream
+    return _C.greedy(s, torch.tensor(list(ks), dtype=torch.int64), float(gamma), valid, stream=stream)
 
 
 def probe() -> Tuple[bool, str]:
