@@ -28,7 +28,10 @@ def _cmd_info(args) -> int:
     else:
         print(f"device: CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     print("backends (each on the device types it targets):")
-    for name, states in _backend_states(backends.report()).items():
+    # A backend that fails to load cannot say which device types it targets: take those auto tries it on.
+    rows = [r for r in backends.report() if backends.get_backend(r[0]) is not None
+            or r[0] in backends.AUTO_ORDER.get(r[1], ())]
+    for name, states in _backend_states(rows).items():
         print(f"  {name:7s} {states}")
     for dev in ("cpu", "cuda"):
         if dev == "cuda" and not torch.cuda.is_available():
