@@ -13,6 +13,7 @@ from typing import Any, Union
 # dependency (transformers, the original ``llava`` package) only matters for its own family.
 _FAMILIES = (
     "otprune.integrations.hf_llava",
+    "otprune.integrations.qwen_vl",
     "otprune.integrations.llava_original",
 )
 
@@ -27,7 +28,8 @@ def _family(model: Any):
             return mod
     raise TypeError(
         f"otprune.apply: unsupported model type {type(model).__module__}.{type(model).__name__}; "
-        "supported: transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration "
+        "supported: transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration, "
+        "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration "
         "and the original LLaVA codebase's LlavaLlamaForCausalLM"
     )
 
