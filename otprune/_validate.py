@@ -1,39 +1,57 @@
 """Argument checking for the public API.
 
-Every public entry point funnels its arguments through :func:`check_select_args`, so a bad
-argument is reported once, the same way, naming the argument and the problem.
+Two parts, so that a selection synchronises the host at most once:
+- :func:`check_select_args`: everything that needs no tensor data (types, shapes, dtypes, options,
+  ``keep``, lengths given as a Python sequence): no host sync, traceable by torch.compile.
+- :func:`read_select_data`: the values, read in one device-to-host transfer (the features'
+  extremes and magnitude scale, the lengths when given as a tensor), then checked.
+Every entry point reports a bad argument the same way, naming the argument and the problem.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORMALIZE_MODES = ("feature", "token")
 COMPAT_MODES = (None, "official")
+BACKEND_CHOICES = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 @dataclass(frozen=True)
 class SelectArgs:
-    """Checked arguments of one selection call.
+    """Statically checked arguments of one selection call (no tensor data read).
 
-    x:        (B, N, d) features (a view of the input; a 2-D input gets B = 1).
-    batched:  whether the input was (B, N, d).
-    lengths:  (B,) int64 valid lengths on x's device, or None when every row has N tokens.
-    ks:       per-row budgets k_b (Python ints, 1 <= k_b <= length_b).
-    k_max:    max(ks); the output width.
+    x:            (B, N, d) features (a view of the input; a 2-D input gets B = 1).
+    batched:      whether the input was (B, N, d).
+    lengths:      the (B,) integer lengths tensor as given (values unread), or None.
+    lengths_list: lengths given as a Python sequence, checked; None when absent or all equal N.
+    k_max:        the output width (:func:`output_width`).
     """
 
     x: torch.Tensor
     batched: bool
     lengths: Optional[torch.Tensor]
-    ks: tuple
+    lengths_list: Optional[List[int]]
     k_max: int
+
+
+@dataclass(frozen=True)
+class SelectData:
+    """Host values of one selection's data, read in one transfer by :func:`read_select_data`.
+
+    scale:   the power of two the features are multiplied by before squaring (1.0: none needed).
+    lengths: per-row valid lengths read from the lengths tensor, checked; None if none was given.
+    """
+
+    scale: float
+    lengths: Optional[List[int]]
 
 
 def budget(keep: Union[int, float], n: int) -> int:
@@ -59,8 +77,29 @@ def budget(keep: Union[int, float], n: int) -> int:
     raise TypeError(f"keep must be an int >= 1 or a float ratio in (0, 1], got {type(keep).__name__}")
 
 
-def check_features(features, name: str = "features") -> torch.Tensor:
-    """Check a (N, d) or (B, N, d) floating tensor with N, d >= 1 and finite values."""
+def output_width(keep: Union[int, float], n: int, lengths_list: Optional[List[int]] = None) -> int:
+    """Width of the index output, known from shapes alone: the largest row budget for lengths given
+    as a Python sequence, else (no lengths, or a lengths tensor whose values are unread) the budget
+    of a full row of ``n`` tokens."""
+    if lengths_list is None:
+        return budget(keep, n)
+    return max(budget(keep, v) for v in lengths_list)
+
+
+def device_budgets(keep: Union[int, float], lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`budget` of each entry of a (B,) int64 lengths tensor, on its device (no host sync).
+
+    Same arithmetic as :func:`budget` (a float64 product, rounded half to even); an int ``keep``
+    above a length is cut to that length (the unchecked path's answer to such input).
+    """
+    if isinstance(keep, Integral):
+        return lengths.clamp(max=int(keep))
+    k = torch.round(lengths.to(torch.float64) * float(keep)).to(torch.int64)
+    return torch.minimum(k.clamp_min(1), lengths)
+
+
+def check_feature_shape(features, name: str = "features") -> torch.Tensor:
+    """Check a (N, d) or (B, N, d) floating tensor with N, d >= 1 (no tensor data read)."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
     if features.dtype not in FLOAT_DTYPES:
@@ -76,15 +115,45 @@ def check_features(features, name: str = "features") -> torch.Tensor:
         raise ValueError(f"{name} has no tokens (N = 0), shape {tuple(features.shape)}")
     if features.shape[-1] == 0:
         raise ValueError(f"{name} has no feature dimensions (d = 0), shape {tuple(features.shape)}")
-    if not math.isfinite(max_magnitude(features)):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return features
 
 
-def max_magnitude(x: torch.Tensor) -> float:
-    """max |x| (NaN or inf when x holds any); one fused reduction, one host sync."""
-    lo, hi = torch.aminmax(x)
-    return max(abs(float(lo)), abs(float(hi)))
+def check_features(features, name: str = "features") -> torch.Tensor:
+    """:func:`check_feature_shape` plus finite values (one host sync)."""
+    check_feature_shape(features, name)
+    read_select_data(features, None, 1, name)
+    return features
+
+
+def read_select_data(x: torch.Tensor, lengths: Optional[torch.Tensor], keep: Union[int, float],
+                     name: str = "features") -> SelectData:
+    """Read and check the data of a selection in one device-to-host transfer (the one host sync).
+
+    x: features of any shape; lengths: (B,) integer tensor or None, checked against N = x.shape[-2]
+    and ``keep``. Raises ValueError for non-finite features or out-of-range lengths.
+    """
+    from .kernel import magnitude_scale
+
+    lo, hi = torch.aminmax(x.detach())
+    parts = [torch.stack((lo.to(torch.float64), hi.to(torch.float64), magnitude_scale(lo, hi)))]
+    if lengths is not None:
+        parts.append(lengths.detach().to(device=x.device, dtype=torch.float64))
+    values = torch.cat(parts).tolist()
+    if not (math.isfinite(values[0]) and math.isfinite(values[1])):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    if lengths is None:
+        return SelectData(scale=values[2], lengths=None)
+    lens = [int(v) for v in values[3:]]
+    check_length_values(lens, x.shape[-2], keep)
+    return SelectData(scale=values[2], lengths=lens)
+
+
+def check_length_values(lens: List[int], n: int, keep: Union[int, float]) -> None:
+    """Every length in [1, N], and an int ``keep`` not above any length."""
+    if any(v < 1 or v > n for v in lens):
+        raise ValueError(f"every length must be in [1, N={n}], got {lens}")
+    for v in lens:
+        budget(keep, v)
 
 
 def check_gamma(gamma) -> float:
@@ -108,44 +177,53 @@ def check_compat(compat) -> Optional[str]:
     return compat
 
 
-def check_lengths(lengths, x: torch.Tensor, batched: bool) -> Optional[torch.Tensor]:
-    """Check ``lengths`` against the (B, N, d) tensor ``x``; returns int64 on x's device or None."""
+def check_backend(backend, compat: Optional[str]) -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if compat == "official" and backend not in ("auto", "torch"):
+        raise ValueError(f"compat='official' runs the release's own loop; backend {backend!r} cannot run it")
+    return backend
+
+
+def check_lengths(lengths, x: torch.Tensor, batched: bool, keep) -> Tuple[Optional[torch.Tensor], Optional[List[int]]]:
+    """Static check of ``lengths`` against (B, N, d) ``x``: (tensor as given, None), (None, list),
+    or (None, None) when absent or every length equals N. A tensor's values are checked later
+    (:func:`read_select_data`), a sequence's here."""
     if lengths is None:
-        return None
+        return None, None
     if not batched:
         raise ValueError("lengths is only accepted with batched (B, N, d) features")
     B, N = x.shape[0], x.shape[1]
     if isinstance(lengths, torch.Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
-        values = lengths.detach().to("cpu", torch.int64)
-    else:
-        try:
-            values = torch.as_tensor(list(lengths))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"lengths must be a sequence or tensor of ints: {err}") from None
-        if values.dtype != torch.int64:
-            raise TypeError(f"lengths must hold integers, got {values.dtype}")
-    if values.ndim != 1 or values.shape[0] != B:
-        raise ValueError(f"lengths must have shape ({B},) to match the batch, got {tuple(values.shape)}")
-    if bool((values < 1).any()) or bool((values > N).any()):
-        raise ValueError(f"every length must be in [1, N={N}], got {values.tolist()}")
-    return values.to(x.device)
+        if lengths.ndim != 1 or lengths.shape[0] != B:
+            raise ValueError(f"lengths must have shape ({B},) to match the batch, got {tuple(lengths.shape)}")
+        return lengths, None
+    try:
+        values = list(lengths)
+    except TypeError as err:
+        raise TypeError(f"lengths must be a sequence or tensor of ints: {err}") from None
+    for v in values:
+        if isinstance(v, (bool, str)) or not hasattr(type(v), "__index__"):
+            raise TypeError(f"lengths must hold integers, got {type(v).__name__}")
+    values = [operator.index(v) for v in values]
+    if len(values) != B:
+        raise ValueError(f"lengths must have shape ({B},) to match the batch, got ({len(values)},)")
+    check_length_values(values, N, keep)
+    return None, (None if all(v == N for v in values) else values)
 
 
-def check_select_args(features, keep, gamma, normalize, lengths, compat) -> SelectArgs:
-    """Check every argument of :func:`otprune.select`; returns the normalised :class:`SelectArgs`."""
-    x = check_features(features)
+def check_select_args(features, keep, gamma, normalize, lengths, compat, backend="auto") -> SelectArgs:
+    """Check every argument of :func:`otprune.select` that needs no tensor data (no host sync)."""
+    x = check_feature_shape(features)
     check_gamma(gamma)
     check_normalize(normalize)
     check_compat(compat)
+    check_backend(backend, compat)
     batched = x.ndim == 3
     x3 = x if batched else x.unsqueeze(0)
-    lens = check_lengths(lengths, x3, batched)
-    if lens is None:
-        ks = (budget(keep, x3.shape[1]),) * x3.shape[0]
-    else:
-        ks = tuple(budget(keep, int(n)) for n in lens.tolist())
-    if lens is not None and bool((lens == x3.shape[1]).all()):
-        lens = None
-    return SelectArgs(x=x3, batched=batched, lengths=lens, ks=ks, k_max=max(ks))
+    budget(keep, x3.shape[1])
+    lens, lens_list = check_lengths(lengths, x3, batched, keep)
+    k_max = output_width(keep, x3.shape[1], lens_list)
+    return SelectArgs(x=x3, batched=batched, lengths=lens, lengths_list=lens_list, k_max=k_max)

@@ -1,20 +1,21 @@
-"""Public selection API: select, prune (DESIGN.md section 3)."""
+"""Public selection API: select, prune.
+
+:func:`select` checks its arguments without reading tensor data, then runs the selection
+(:mod:`otprune._ops`): directly in eager mode, as the custom op ``otprune::select`` under
+torch.compile.
+"""
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends
-from ._validate import check_select_args, max_magnitude
-from .greedy import sort_picks
-from .kernel import accumulation_dtype, valid_mask
+from . import _ops
+from ._validate import check_select_args
 
 Keep = Union[int, float]
-# Features whose largest magnitude lies outside this range are rescaled before squaring (the
-# normalisation is scale-invariant), so that squares neither overflow nor underflow.
-_SAFE_MAGNITUDE = (1e-12, 1e12)
 
 
 @torch.no_grad()
@@ -27,6 +28,7 @@ def select(
     lengths: Optional[Union[torch.Tensor, Sequence[int]]] = None,
     compat: Optional[str] = None,
     backend: str = "auto",
+    check: bool = True,
 ) -> torch.LongTensor:
     """Indices of the visual tokens OTPrune keeps.
 
@@ -34,27 +36,25 @@ def select(
     keep:     int >= 1 (tokens per image) or float ratio in (0, 1] (k = round(keep * N), at least 1).
     gamma:    kernel weight in L = I + gamma * S S^T.
     normalize: "feature" (unit-norm feature columns, the release's default) or "token" (cosine).
-    lengths:  optional (B,) valid lengths of a right-padded batch; the ratio applies per row and
-              rows are padded with -1 up to the largest k.
+    lengths:  optional (B,) valid lengths of a right-padded batch (a Python sequence or an integer
+              tensor); ``keep`` applies per row (k_b = budget of length_b) and every row is padded
+              with -1 up to k_max: max_b k_b for a sequence; the budget of a full row of N tokens
+              for a tensor (its values are unknown until read, the width follows from shapes).
     compat:   None (exact arithmetic, sorted output) or "official" (the public release's numerics
-              and order, see :mod:`otprune.official`).
+              and order, see :mod:`otprune.official`; it syncs the host every greedy step).
     backend:  "auto", "cuda", "triton", "cpu" (C++ extension) or "torch".
-    Returns (k,) or (B, k) int64 on the input's device; ascending unless compat="official".
+    check:    True: read the data once (one host synchronisation) and raise ValueError for
+              non-finite features or out-of-range lengths. False: no host synchronisation and no
+              allocation whose size depends on data (for CUDA-graph capture; pass lengths as a device
+              tensor or a Python sequence). Nothing is checked then: non-finite features give
+              unspecified indices, a lengths tensor is clamped to [1, N], an int keep is cut to
+              each row's length. For valid input both settings return identical indices.
+    Returns (k_max,) or (B, k_max) int64 on the input's device; ascending unless compat="official".
     """
-    args = check_select_args(features, keep, gamma, normalize, lengths, compat)
-    x = args.x
-    if compat == "official":
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"compat='official' runs the release's own loop; backend {backend!r} cannot run it")
-        from .official import official_select
-
-        out = official_select(x, args.ks, float(gamma), normalize, args.lengths)
-    else:
-        be = backends.resolve(backend, x.device)
-        x = _safe_scale(x)
-        valid = valid_mask(args.lengths, x.shape[0], x.shape[1], x.device)
-        s = be.similarity(x, normalize, valid)
-        out = sort_picks(be.greedy(s, args.ks, float(gamma), valid))
+    args = check_select_args(features, keep, gamma, normalize, lengths, compat, backend)
+    run = _ops.select_op if torch.compiler.is_compiling() else _ops.run_select
+    out = run(args.x, float(keep), isinstance(keep, Integral), float(gamma), normalize, args.lengths,
+              args.lengths_list, compat or "", backend, bool(check))
     return out if args.batched else out[0]
 
 
@@ -71,11 +71,3 @@ def prune(features: torch.Tensor, keep: Keep, **kwargs) -> Tuple[torch.Tensor, t
     kept = torch.gather(features, 1, safe.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     kept = kept.masked_fill((idx < 0).unsqueeze(-1), 0)
     return kept, idx
-
-
-def _safe_scale(x: torch.Tensor) -> torch.Tensor:
-    """Rescale features of extreme magnitude into a safe range (one reduction; same result)."""
-    amax = max_magnitude(x)
-    if amax == 0.0 or _SAFE_MAGNITUDE[0] <= amax <= _SAFE_MAGNITUDE[1]:
-        return x
-    return x.to(accumulation_dtype(x.dtype)) / amax

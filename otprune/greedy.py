@@ -68,6 +68,9 @@ def greedy_picks(
     B, N, _ = s.shape
     k_max = max(ks)
     ragged = any(k != k_max for k in ks)
+    # With padding a row may also run out of tokens before k_max (select(check=False) runs every
+    # row to k_max and masks afterwards).
+    guard = ragged or valid is not None
     dev = s.device
     full = kernel_rows_strategy(s, k_max, rows) == "full"
 
@@ -102,7 +105,7 @@ def greedy_picks(
             e.baddbmm_(cj, prev, beta=beta, alpha=-1.0)
         elif not full:
             e.mul_(gamma)
-        if ragged:
+        if guard:
             # Rows past their budget may run out of tokens: give them a zero update, not NaN.
             live = pivot > 0
             scale = torch.where(live, pivot, 1.0).rsqrt_().mul_(live)

@@ -6,17 +6,36 @@ float32 otherwise (fp16/bf16 inputs are upcast before any arithmetic).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 # Column / token norms below this are treated as zero (the column or token is left at zero).
 NORM_EPS = 1e-30
+# Features whose largest magnitude lies outside this range are multiplied by a power of two before
+# squaring (see :func:`magnitude_scale`), so that squares neither overflow nor underflow.
+SAFE_MAGNITUDE = (1e-12, 1e12)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other float dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def magnitude_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Power of two s (0-d float64, on the device) bringing max |x| into [0.5, 1) when it lies
+    outside :data:`SAFE_MAGNITUDE`, else 1.
+
+    lo, hi: 0-d min and max of x (any float dtype). A power of two scales exactly, and the
+    normalisation is scale-invariant, so the selection does not change; s = 1 for zero or
+    non-finite input. s stays finite and nonzero in x's accumulation dtype.
+    """
+    amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+    maxexp = math.frexp(torch.finfo(accumulation_dtype(lo.dtype)).max)[1]
+    extreme = torch.isfinite(amax) & (amax > 0) & ((amax < SAFE_MAGNITUDE[0]) | (amax > SAFE_MAGNITUDE[1]))
+    exponent = torch.frexp(amax).exponent.clamp(2 - maxexp, maxexp)
+    return torch.where(extreme, torch.ldexp(torch.ones_like(amax), -exponent), 1.0)
 
 
 def valid_mask(lengths: Optional[torch.Tensor], B: int, N: int, device) -> Optional[torch.Tensor]:

@@ -1,0 +1,92 @@
+"""The selection as one ``torch.library`` custom op, ``otprune::select``.
+
+:func:`run_select` is the whole data-dependent part of :func:`otprune.select` (features to sorted
+indices); :func:`otprune.select` checks the arguments statically, then calls it directly in eager
+mode and through the registered op under torch.compile, so the compiled graph holds one opaque
+node and no graph break. The fake implementation gives the output shape from shapes alone
+(:func:`otprune._validate.output_width`).
+
+Host synchronisation: with ``check=True``, exactly one (:func:`otprune._validate.read_select_data`);
+with ``check=False``, none, and every allocation's size follows from shapes and ``keep`` alone
+(except with ``compat="official"``, whose loop syncs every step by design).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from ._validate import budget, device_budgets, output_width, read_select_data
+from .greedy import sort_picks
+from .kernel import accumulation_dtype, magnitude_scale, valid_mask
+
+
+def _keep(keep: float, keep_is_count: bool):
+    return int(keep) if keep_is_count else keep
+
+
+def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, normalize: str,
+               lengths: Optional[torch.Tensor], lengths_list: Optional[Sequence[int]], compat: str,
+               backend: str, check: bool) -> torch.Tensor:
+    """(B, output_width) int64 indices for statically checked (B, N, d) features ``x``.
+
+    keep / keep_is_count: the count or ratio (a count travels as a float through the op schema).
+    lengths: (B,) integer tensor (values unchecked so far) or None; lengths_list: checked Python
+    lengths or None (at most one of the two). compat: "" or "official". check: read and check the
+    data (one host sync) or not (no sync; see :func:`otprune.select`).
+    """
+    keep = _keep(keep, keep_is_count)
+    B, N = x.shape[0], x.shape[1]
+    k_max = output_width(keep, N, lengths_list)
+    k_row = None  # (B,) per-row budgets on the device, when only the device knows them
+    if check or (compat and lengths is not None):
+        data = read_select_data(x, lengths, keep)
+        scale = None if data.scale == 1.0 else data.scale
+        lens = data.lengths if lengths is not None else lengths_list
+        if lens is not None and all(v == N for v in lens):
+            lens = None
+        lens_dev = None if lens is None else torch.tensor(lens, dtype=torch.int64).to(x.device)
+    else:
+        # fp16 needs no scale: its squares can neither overflow nor underflow in float32.
+        scale = None if x.dtype == torch.float16 else magnitude_scale(*torch.aminmax(x))
+        lens = lengths_list
+        if lens is not None:
+            lens_dev = torch.tensor(lens, dtype=torch.int64).to(x.device)
+        elif lengths is not None:
+            lens_dev = lengths.to(device=x.device, dtype=torch.int64).clamp(1, N)
+            k_row = device_budgets(keep, lens_dev)
+        else:
+            lens_dev = None
+    ks = [k_max] * B if lens is None else [budget(keep, v) for v in lens]
+
+    if compat == "official":
+        from .official import official_select
+
+        out = official_select(x, ks, float(gamma), normalize, lens_dev)
+    else:
+        be = backends.resolve(backend, x.device)
+        if scale is not None:
+            x = x.to(accumulation_dtype(x.dtype)) * (scale.to(x.device) if torch.is_tensor(scale) else scale)
+        valid = valid_mask(lens_dev, B, N, x.device)
+        picks = be.greedy(be.similarity(x, normalize, valid), ks, float(gamma), valid)
+        if k_row is not None:
+            picks = torch.where(torch.arange(k_max, device=x.device) < k_row.unsqueeze(1), picks, -1)
+        out = sort_picks(picks)
+    return F.pad(out, (0, k_max - out.shape[1]), value=-1) if out.shape[1] < k_max else out
+
+
+@torch.library.custom_op("otprune::select", mutates_args=())
+def select_op(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, normalize: str,
+              lengths: Optional[torch.Tensor], lengths_list: Optional[List[int]], compat: str, backend: str,
+              check: bool) -> torch.Tensor:
+    """Registered form of :func:`run_select` (same arguments)."""
+    return run_select(x, keep, keep_is_count, gamma, normalize, lengths, lengths_list, compat, backend, check)
+
+
+@select_op.register_fake
+def _select_fake(x, keep, keep_is_count, gamma, normalize, lengths, lengths_list, compat, backend, check):
+    width = output_width(_keep(keep, keep_is_count), x.shape[1], lengths_list)
+    return x.new_empty((x.shape[0], width), dtype=torch.int64)

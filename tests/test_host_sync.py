@@ -1,0 +1,155 @@
+"""Host synchronisations of select: exactly one with check=True, none with check=False.
+
+On CPU the syncs are counted by instrumenting every Tensor method that hands data to the host;
+on a GPU (tests marked cuda) torch's sync debug mode and a CUDA-graph capture check the same.
+"""
+
+import collections
+import contextlib
+
+import pytest
+import torch
+
+import otprune
+from helpers import cpu_backends, features
+
+# Tensor methods that read device data on the host (each one a sync on a GPU).
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__array__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    counts = collections.Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name, method):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counted(name, method))
+    try:
+        yield counts
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+X = features(40, 12, 0, b=3)
+CASES = {
+    "plain": (X, 0.2, {}),
+    "count": (X, 5, {}),
+    "lengths-list": (X, 0.2, {"lengths": [40, 17, 3]}),
+    "lengths-tensor": (X, 0.2, {"lengths": torch.tensor([40, 17, 3])}),
+    "lengths-tensor-no-full-row": (X, 0.2, {"lengths": torch.tensor([30, 17, 3])}),
+    "fp16": (X.half(), 0.2, {}),
+    "bf16-token": (X.bfloat16(), 0.2, {"normalize": "token"}),
+    "huge": (X * 1e30, 0.2, {}),
+    "tiny-float64": (X.double() * 1e-200, 0.2, {}),
+}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_checked_select_reads_the_host_once(backend, case):
+    x, keep, kw = CASES[case]
+    otprune.select(x, keep, backend=backend, **kw)  # warm-up: imports, backend probing
+    with count_host_reads() as counts:
+        otprune.select(x, keep, backend=backend, **kw)
+    assert sum(counts.values()) == 1, dict(counts)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unchecked_select_never_reads_the_host_and_agrees(backend, case):
+    x, keep, kw = CASES[case]
+    want = otprune.select(x, keep, backend=backend, **kw)
+    with count_host_reads() as counts:
+        got = otprune.select(x, keep, backend=backend, check=False, **kw)
+    assert sum(counts.values()) == 0, dict(counts)
+    assert torch.equal(got, want)
+
+
+def test_unchecked_prune_agrees():
+    kept, idx = otprune.prune(X, 0.2, lengths=torch.tensor([40, 17, 3]), check=False)
+    kept_c, idx_c = otprune.prune(X, 0.2, lengths=torch.tensor([40, 17, 3]))
+    assert torch.equal(idx, idx_c) and torch.equal(kept, kept_c)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_unchecked_bad_input_is_not_checked_but_does_not_crash(backend):
+    bad = X.clone()
+    bad[1, 5, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        otprune.select(bad, 0.2, backend=backend)
+    idx = otprune.select(bad, 0.2, backend=backend, check=False)  # unspecified picks, right shape
+    assert idx.shape == (3, 8) and idx.dtype == torch.int64
+    assert ((idx >= -1) & (idx < 40)).all()
+    # out-of-range lengths are clamped to [1, N]; an int keep is cut to each row's length
+    lens = torch.tensor([0, 17, 99])
+    with pytest.raises(ValueError, match="length"):
+        otprune.select(X, 0.2, lengths=lens, backend=backend)
+    got = otprune.select(X, 0.2, lengths=lens, backend=backend, check=False)
+    assert torch.equal(got, otprune.select(X, 0.2, lengths=[1, 17, 40], backend=backend))
+    with pytest.raises(ValueError, match="keep"):
+        otprune.select(X, 5, lengths=torch.tensor([40, 3, 40]), backend=backend)
+    got = otprune.select(X, 5, lengths=torch.tensor([40, 3, 40]), backend=backend, check=False)
+    want = otprune.select(X[1:2, :3], 3, backend=backend)
+    assert got[1].tolist() == want[0].tolist() + [-1, -1]
+
+
+def test_tensor_lengths_width_is_the_full_row_budget():
+    """A lengths tensor's values are unknown until read, so the width follows from N alone."""
+    lens = [30, 17, 3]
+    from_list = otprune.select(X, 0.2, lengths=lens)
+    from_tensor = otprune.select(X, 0.2, lengths=torch.tensor(lens))
+    assert from_list.shape == (3, 6) and from_tensor.shape == (3, 8)
+    assert torch.equal(from_tensor[:, :6], from_list) and (from_tensor[:, 6:] == -1).all()
+
+
+# ---- GPU only (untested on GPU: no GPU was available where these were written) -------------------
+
+def _cuda_backends():
+    from otprune import backends
+
+    return [name for name in backends.BACKEND_NAMES if backends.usable(name, "cuda")[0]] or ["torch"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_cuda_sync_counts(backend):
+    x = X.cuda().half()
+    lens = torch.tensor([40, 17, 3], device="cuda")
+    want = otprune.select(x, 0.2, lengths=lens, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_cuda_graph_capture(backend):
+    x = X.cuda().half()
+    lens = torch.tensor([40, 17, 3], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (lazy init, autotuning)
+        otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    for seed in (1, 2):
+        fresh = features(40, 12, seed, b=3)
+        x.copy_(fresh)
+        lens.copy_(torch.tensor([17, 40, 9]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, otprune.select(fresh.half().cuda(), 0.2, lengths=lens, backend=backend))
