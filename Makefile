@@ -25,3 +25,20 @@ info: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info otprune/_C*.so otprune_demo.png
+
+# The vLLM plugin's tests, in their own environment: vLLM's CPU build (it brings its own CPU torch
+# and transformers; ~3.5 GB), otprune on top without dependencies or extension, and a test-only
+# torchvision shim (tests_vllm/torchvision_shim.py). Engine starts dominate the run time.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt setup.py tests_vllm/torchvision_shim.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	OTPRUNE_SKIP_EXT=1 $(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(VLLM_VENV)/bin/python tests_vllm/torchvision_shim.py --install
+	touch $@
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -q -rs -p no:cacheprovider tests_vllm

@@ -53,8 +53,9 @@ def check_attention(impl: Any) -> None:
         )
 
 
-def select_kept(feats: List[torch.Tensor], keep: Any, select_kwargs: dict) -> List[torch.Tensor]:
-    """One batched select over all images [(N_j, D)]: per-image kept indices, ascending.
+def select_kept(feats: List[torch.Tensor], keep: Any, select_kwargs: dict, sort: bool = True) -> List[torch.Tensor]:
+    """One batched select over all images [(N_j, D)]: per-image kept indices, ascending
+    (``sort=False``: in :func:`otprune.select`'s order, the release's with compat="official").
 
     Ragged images are padded to the longest and passed with ``lengths``, so a ratio applies per image.
     """
@@ -64,6 +65,8 @@ def select_kept(feats: List[torch.Tensor], keep: Any, select_kwargs: dict) -> Li
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     lengths = torch.tensor(n_tokens, device=padded.device) if len(set(n_tokens)) > 1 else None
     idx = select(padded, keep, lengths=lengths, **select_kwargs)
+    if not sort:
+        return [row[row >= 0] for row in idx]
     # Sort each row with the -1 padding last (compat="official" returns the release's order).
     big = torch.iinfo(idx.dtype).max
     idx = torch.sort(idx.masked_fill(idx < 0, big), dim=1).values

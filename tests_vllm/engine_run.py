@@ -1,0 +1,72 @@
+"""One vLLM engine run on a tiny checkpoint, as a separate process (vLLM spawns processes, and the
+plugin's environment route must be read at process start, as in `vllm serve`).
+
+    python engine_run.py MODEL_DIR OUT_JSON [--enable KEEP]
+
+Serves :data:`PROMPTS` (one- and two-image prompts, all submitted together so that images of
+different requests share encoder batches) greedily and writes, per prompt, the prompt token ids
+vLLM built (placeholders included) and the generated token ids, and
+the model class vLLM resolved for the checkpoint. ``--enable KEEP`` turns pruning on
+through the Python route (``otprune.vllm.enable(keep=KEEP)``) instead of the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import hf_tiny  # noqa: E402
+
+sys.path.pop(0)
+
+MAX_TOKENS = 8
+# (prompt text, indices into images()): image sizes differ, so LLaVA-NeXT images differ in N.
+PROMPTS: List[Tuple[str, List[int]]] = [
+    ("user : what is in this image ? <image> describe assistant :", [0]),
+    ("user : compare <image> and <image> , left or right ? assistant :", [1, 2]),
+    ("user : <image> what is this picture ? assistant :", [2]),
+]
+ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, seed=0, limit_mm_per_prompt={"image": 2},
+                   max_num_seqs=4, enforce_eager=True)
+
+
+def images():
+    """The prompts' images (RGB PIL), deterministic."""
+    return hf_tiny.tiny_images(3, seed=0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--enable", type=float)
+    args = p.parse_args()
+    if args.enable is not None:
+        import otprune.vllm
+
+        otprune.vllm.enable(keep=args.enable)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, **ENGINE_ARGS)
+    imgs = images()
+    requests = [{"prompt": text, "multi_modal_data": {"image": [imgs[i] for i in idx]}} for text, idx in PROMPTS]
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    from vllm.model_executor.model_loader import get_model_architecture
+
+    model_cls, _ = get_model_architecture(llm.llm_engine.model_config)
+    result = dict(
+        model_class=f"{model_cls.__module__}.{model_cls.__qualname__}",
+        prompts=[dict(prompt_token_ids=list(o.prompt_token_ids), output_ids=list(o.outputs[0].token_ids))
+                 for o in outs],
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints saved to a folder that vLLM can serve offline.
+
+The towers, tokenizer and image processors are those of tests/hf_tiny.py, with a language model
+whose head_dim is 32 (vLLM's CPU attention needs head_dim >= 32). transformers saves the CLIP
+tower's weights as ``...vision_tower.embeddings...``; vLLM loads ``vision_tower.vision_model.*``,
+so the saved keys are renamed.
+
+    path = save_tiny("llava", folder)       # or "llava_next"
+    model, processor = load_tiny(path)      # the same weights in transformers, float32, eval mode
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import hf_tiny  # noqa: E402
+
+sys.path.pop(0)
+
+KINDS = ("llava", "llava_next")
+
+
+def _text_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=hf_tiny.VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+    )
+
+
+def build_tiny(kind: str, seed: int = 0) -> Tuple[Any, Any]:
+    """(model, processor) in transformers: hf_tiny's geometry with a head_dim-32 language model."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    _, processor = hf_tiny.tiny_llava(seed) if kind == "llava" else hf_tiny.tiny_llava_next(seed)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(hf_tiny.IMAGE_TOKEN)
+    common = dict(
+        text_config=_text_config(),
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    if kind == "llava":
+        from transformers import LlavaForConditionalGeneration as cls
+
+        cfg = LlavaConfig(vision_config=hf_tiny._vision_config(112), image_seq_length=64, **common)
+    else:
+        from transformers import LlavaNextForConditionalGeneration as cls
+
+        cfg = LlavaNextConfig(
+            vision_config=hf_tiny._vision_config(56),
+            image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
+            image_seq_length=16,
+            **common,
+        )
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    return hf_tiny._finish(model, processor.tokenizer), processor
+
+
+def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
+    """Save a tiny checkpoint + processor under folder/kind (float32 safetensors); returns the path."""
+    from safetensors.torch import load_file, save_file
+
+    model, processor = build_tiny(kind, seed)
+    path = os.path.join(folder, kind)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    weights = os.path.join(path, "model.safetensors")
+    state = load_file(weights)
+    renamed = {_vllm_key(k): v for k, v in state.items()}
+    save_file(renamed, weights, metadata={"format": "pt"})
+    return path
+
+
+def _vllm_key(key: str) -> str:
+    marker = "vision_tower."
+    if marker in key and ".vision_model." not in key:
+        head, tail = key.split(marker, 1)
+        return f"{head}{marker}vision_model.{tail}"
+    return key
+
+
+def load_tiny(path: str) -> Tuple[Any, Any]:
+    """The saved checkpoint in transformers (it reads either key layout), with its processor."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(path)
+    cls = LlavaNextForConditionalGeneration if cfg.model_type == "llava_next" else LlavaForConditionalGeneration
+    model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
