@@ -110,7 +110,10 @@ def time_many(fns: Dict[str, Callable[[], object]], device: torch.device, *, rep
 def _time_cuda(fn: Callable[[], object], reps: int) -> List[float]:  # untested on GPU
     """do_bench for short calls; for calls over 20 ms (model forwards, the official loop on big
     batches), ``reps`` CUDA-event timings (3 for calls over a second), since do_bench's 100 ms
-    measuring window would hold only one or two of them."""
+    measuring window would hold only one or two of them. One untimed call first: it compiles
+    (Triton JIT, cuBLAS heuristics) so that compilation never counts as the first timing."""
+    fn()
+    torch.cuda.synchronize()
     first = _event_ms(fn)
     try:
         from triton.testing import do_bench

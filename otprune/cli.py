@@ -40,8 +40,23 @@ def _cmd_info(args) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(f"auto on {dev}: {backends.resolve('auto', torch.device(dev)).name}")
+            for label, shape in _auto_shapes(dev):
+                print(f"auto on {dev}{label}: {backends.resolve('auto', torch.device(dev), shape).name}")
     return 0
+
+
+def _auto_shapes(dev: str):
+    """(label, shape) pairs info reports auto's pick for: one on CPU (a fixed order); on CUDA the
+    cost model's target shapes (B 1 / 32, N 576 / 2880, d 4096, keep 0.098, fp16)."""
+    import torch
+
+    from otprune.cost_model import round_budget
+
+    if dev != "cuda":
+        return [("", None)]
+    shapes = [(B, N, 4096, round_budget(0.098, N), torch.float16) for B in (1, 32) for N in (576, 2880)]
+    return [(f" (B={B}, N={N}, d={d}, k={k}, fp16; by the cost model)", (B, N, d, k, dt))
+            for B, N, d, k, dt in shapes]
 
 
 def _backend_states(rows) -> Dict[str, str]:

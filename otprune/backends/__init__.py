@@ -5,6 +5,14 @@ Every backend implements the same two stages (DESIGN.md section 4):
   greedy(s, ks, gamma, valid)     -> picks (B, max(ks)) int64, greedy order, -1 past k_b
 plus ``usable(device) -> (bool, reason)``. Adding a backend means adding one module here and one
 entry in ``_FACTORIES``.
+
+``auto`` (:func:`resolve`): for CPU tensors ``cpu`` > ``torch`` (measured: the C++ greedy is faster
+at every configuration of bench/results/select.md). For CUDA tensors the usable backends are
+ranked by :mod:`otprune.cost_model` for the call's (B, N, d, k, dtype) on the device, fastest first,
+so that auto never prefers a backend the model rates slower than another usable one. A measured
+table replaces the model's ranking: point the environment variable ``OTPRUNE_MEASURED`` at the
+select CSV of a GPU run (``python -m bench select``); a shape that every candidate backend has a row
+for on this device (same name, B, N, d, k, dtype) is ranked by the measured p50 instead.
 """
 
 from __future__ import annotations
@@ -12,12 +20,17 @@ from __future__ import annotations
 import importlib
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+# CPU: measured order. CUDA: the candidates; their order comes from the cost model per shape.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# The shape auto ranks CUDA backends for when the caller gives none: (B, N, d, k, dtype) of one
+# LLaVA-1.5 image at keep 0.098.
+DEFAULT_SHAPE = (1, 576, 4096, 56, torch.float16)
 
 # name -> module path holding a ``BACKEND`` object implementing the interface above.
 _FACTORIES: Dict[str, str] = {
@@ -81,8 +94,37 @@ def usable(name: str, device_type: str) -> Tuple[bool, str]:
     return ok, why
 
 
-def resolve(backend: str, device: torch.device) -> Backend:
-    """Pick the backend for ``device``: by name (error if unusable) or the fastest usable one."""
+def auto_order(device: torch.device, shape: Optional[Tuple[int, int, int, int, torch.dtype]] = None) -> Tuple[str, ...]:
+    """Backends ``auto`` tries for ``device``, preferred first (module docstring).
+
+    shape: (B, N, d, k_max, dtype) of the call; None ranks for :data:`DEFAULT_SHAPE`.
+    """
+    if device.type != "cuda":
+        return AUTO_ORDER.get(device.type, ("torch",))
+    B, N, d, k, dtype = shape or DEFAULT_SHAPE
+    return _ranked(_device_name(device), B, N, d, k, str(dtype).replace("torch.", ""))
+
+
+@lru_cache(maxsize=1024)
+def _ranked(device_name: str, B: int, N: int, d: int, k: int, dtype: str) -> Tuple[str, ...]:
+    from .. import cost_model
+
+    return tuple(cost_model.rank(list(AUTO_ORDER["cuda"]), cost_model.Shape(B, N, d, k, dtype), device_name))
+
+
+@lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    """The CUDA device's name ("" when it cannot be read: the model then uses its default GPU)."""
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:  # no driver (tests rank CUDA backends on CPU machines)
+        return ""
+
+
+def resolve(backend: str, device: torch.device,
+            shape: Optional[Tuple[int, int, int, int, torch.dtype]] = None) -> Backend:
+    """Pick the backend for ``device``: by name (error if unusable) or, for "auto", the first usable
+    one of :func:`auto_order` (``shape`` = the call's (B, N, d, k_max, dtype), see there)."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     dev = device.type
@@ -91,8 +133,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
         if not ok:
             raise BackendUnavailableError(f"backend {backend!r} is not usable for {dev} tensors here: {why}")
         return get_backend(backend)
-    order = AUTO_ORDER.get(dev, ("torch",))
-    for name in order:
+    for name in auto_order(device, shape):
         ok, why = usable(name, dev)
         if ok:
             return get_backend(name)

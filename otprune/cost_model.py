@@ -1,0 +1,549 @@
+"""Roofline cost model of one ``select`` call on a GPU, per backend (modelled, not measured).
+
+Each backend's work is a list of :class:`Phase` s (bytes moved, FLOPs, dependent steps, kernels,
+host-issued framework ops, host synchronisations). A phase's device time is
+
+    max(HBM bytes / HBM rate, L2 bytes / L2 rate, shared-memory bytes / smem rate, FLOPs / peak)
+    + its dependent latency (steps x a per-step cost) + kernels x a per-kernel cost,
+
+where every rate is scaled down to the SMs the phase can keep busy (tiles, images, blocks). A call's
+bound is ``max(host issue time, device time) + host syncs x sync cost``: the host issues framework
+ops asynchronously, so issue and device work overlap, except at a host synchronisation.
+
+Figures (:data:`H100`, :data:`H200`, :data:`LATENCY`; vendor peaks, the rest stated assumptions):
+- H100 SXM: HBM 3.35 TB/s, fp16 dense tensor cores 989 TFLOP/s, fp32 (SIMT FMA) 67 TFLOP/s,
+  fp64 67 TFLOP/s, L2 50 MB, 132 SMs, 227 KB opt-in shared memory per block. H200: HBM 4.8 TB/s,
+  the rest the same die and clocks.
+- Assumed: L2 7 TB/s over all SMs (no vendor figure; about twice H100's HBM); one SM pulls at most
+  110 GB/s from L2/HBM (64 B/clock at ~1.75 GHz) and 250 GB/s from its shared memory (128 B/clock);
+  host-to-device copies of pageable memory 25 GB/s.
+- Latencies (:class:`Latency`): a framework op costs the host 4 us to issue (eager dispatch plus
+  cudaLaunchKernel; a host-looped op chain is launch-bound); a host synchronisation (``.item()``,
+  ``bool(tensor)``) 10 us; a kernel at least 1 us on the device (launch latency and ramp/tail, with
+  the host running ahead); one dependent greedy step inside one thread block 1 us (block-wide
+  argmax: warp shuffles and a barrier, ~0.3 us, then a dependent L2/HBM load of the chosen row,
+  ~0.5 us, and the update's barrier; the step's arithmetic and traffic are counted on top); across
+  a thread-block cluster 1.5 us (a cluster barrier and a distributed-shared-memory exchange of the
+  argmax on top); a
+  dependent global-memory round trip inside a loop 0.5 us. A step of the public loop or of the
+  torch greedy is a chain of framework ops instead (launch-bound).
+- select's glue (:data:`SELECT_HOST_SYNCS`): one host synchronisation per call, the input check
+  (tests/test_host_sync.py holds select to it).
+
+Only the fp16 GEMMs use tensor cores: exact mode keeps fp32-level products, so an fp32 GEMM (cuBLAS
+``sgemm`` through torch, Triton ``input_precision="ieee"``) runs at the fp32 SIMT rate. The public
+release's loop (:func:`estimate` with backend ``"official"``) is modelled with the same figures.
+
+A measured table overrides the model for backend ranking (:func:`load_measurements`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# ---------------------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """Peak figures of one GPU (bytes/s, FLOP/s, bytes)."""
+
+    name: str
+    hbm_bw: float
+    l2_bw: float
+    l2_bytes: float
+    sms: int
+    sm_bw: float  # one SM's L2/HBM traffic
+    smem_bytes: int  # opt-in shared memory per block
+    smem_bw: float  # one SM's shared-memory traffic
+    fp16_tc: float
+    fp32: float
+    fp64: float
+    h2d_bw: float  # pageable host-to-device copies
+
+
+H100 = Gpu("H100 SXM", hbm_bw=3.35e12, l2_bw=7e12, l2_bytes=50e6, sms=132, sm_bw=110e9,
+           smem_bytes=227 * 1024, smem_bw=250e9, fp16_tc=989e12, fp32=67e12, fp64=67e12, h2d_bw=25e9)
+H200 = replace(H100, name="H200", hbm_bw=4.8e12)
+GPUS = (H100, H200)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Fixed costs in seconds (module docstring says why these values)."""
+
+    launch_s: float = 4e-6
+    host_sync_s: float = 10e-6
+    kernel_s: float = 1e-6
+    block_step_s: float = 1e-6
+    cluster_step_s: float = 1.5e-6
+    round_trip_s: float = 0.5e-6
+
+
+LATENCY = Latency()
+
+# ------------------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a call. Bytes and FLOPs are totals over the batch.
+
+    sms: SMs the phase can keep busy (None: all). steps / latency_s: dependent steps on the device's
+    critical path and their total cost. kernels: device launches; host_ops: framework ops the host
+    issues; host_syncs: host waits for the device.
+    """
+
+    name: str
+    hbm_bytes: float = 0.0
+    l2_bytes: float = 0.0
+    smem_bytes: float = 0.0
+    h2d_bytes: float = 0.0
+    flops: float = 0.0
+    unit: str = "fp32"  # "fp16_tc", "fp32" or "fp64"
+    sms: Optional[int] = None
+    steps: int = 0
+    latency_s: float = 0.0
+    kernels: int = 0
+    host_ops: int = 0
+    host_syncs: int = 0
+
+    def device_s(self, gpu: Gpu, lat: Latency = LATENCY) -> float:
+        sms = gpu.sms if self.sms is None else max(1, min(gpu.sms, self.sms))
+        share = sms / gpu.sms
+        reach = sms * gpu.sm_bw
+        work = max(
+            self.hbm_bytes / min(gpu.hbm_bw, reach),
+            self.l2_bytes / min(gpu.l2_bw, reach),
+            self.smem_bytes / (sms * gpu.smem_bw),
+            self.flops / (getattr(gpu, self.unit) * share),
+        )
+        return work + self.h2d_bytes / gpu.h2d_bw + self.latency_s + self.kernels * lat.kernel_s
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A backend's modelled call: its design in words and its phases on one GPU."""
+
+    backend: str
+    design: str
+    phases: Tuple[Phase, ...]
+    gpu: Gpu
+    lat: Latency = field(default=LATENCY)
+
+    def _sum(self, attr: str) -> float:
+        return sum(getattr(p, attr) for p in self.phases)
+
+    hbm_bytes = property(lambda self: self._sum("hbm_bytes") + self._sum("h2d_bytes"))
+    onchip_bytes = property(lambda self: self._sum("l2_bytes") + self._sum("smem_bytes"))
+    flops = property(lambda self: self._sum("flops"))
+    steps = property(lambda self: int(self._sum("steps")))
+    host_ops = property(lambda self: int(self._sum("host_ops")))
+    host_syncs = property(lambda self: int(self._sum("host_syncs")))
+
+    @property
+    def device_s(self) -> float:
+        return sum(p.device_s(self.gpu, self.lat) for p in self.phases)
+
+    @property
+    def host_s(self) -> float:
+        return self.host_ops * self.lat.launch_s
+
+    @property
+    def seconds(self) -> float:
+        """The modelled lower bound of one call."""
+        return max(self.host_s, self.device_s) + self.host_syncs * self.lat.host_sync_s
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One call: B images of N tokens, d features, k picks each, input dtype name."""
+
+    B: int
+    N: int
+    d: int
+    k: int
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        for name in ("B", "N", "d", "k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.k > self.N:
+            raise ValueError(f"k={self.k} exceeds N={self.N}")
+        if self.dtype not in _ITEMSIZE:
+            raise ValueError(f"dtype must be one of {tuple(_ITEMSIZE)}, got {self.dtype!r}")
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+F32 = 4
+
+# -------------------------------------------------------------------------------- shared pieces
+
+
+def _acc(shape: Shape) -> Tuple[int, str]:
+    """(bytes, FLOP unit) of the accumulation dtype: float64 stays float64, the rest fp32."""
+    return (8, "fp64") if shape.dtype == "float64" else (F32, "fp32")
+
+
+def _cached(nbytes: float, gpu: Gpu) -> bool:
+    """Whether a working set of ``nbytes`` stays in L2 between its reads."""
+    return nbytes <= gpu.l2_bytes
+
+
+def _tiles(n: int, tile: int, triangle: bool) -> Tuple[int, float]:
+    """(output tiles, share of the full N x N product computed) of an N x N GEMM output."""
+    t = -(-n // tile)
+    return (t * (t + 1) // 2, (t + 1) / (2 * t)) if triangle else (t * t, 1.0)
+
+
+# Host synchronisations of one select call outside the greedy (its input check).
+SELECT_HOST_SYNCS = 1
+
+
+def _validation(shape: Shape) -> Phase:
+    """select's input check: one fused max|x| reduction, read back by the host."""
+    B, N, d = shape.B, shape.N, shape.d
+    return Phase("validate", hbm_bytes=B * N * d * _ITEMSIZE[shape.dtype], kernels=1, host_ops=1,
+                 host_syncs=SELECT_HOST_SYNCS)
+
+
+def _similarity_torch(shape: Shape) -> Phase:
+    """otprune.kernel.similarity on a GPU: normalise in the accumulation dtype (8 elementwise /
+    reduction ops, ~4 passes over the upcast copy), then one full batched cuBLAS GEMM (no tensor
+    cores; split-K lets it fill every SM)."""
+    B, N, d = shape.B, shape.N, shape.d
+    acc, unit = _acc(shape)
+    x = B * N * d
+    return Phase("similarity (torch: upcast, normalise, GEMM)",
+                 hbm_bytes=x * _ITEMSIZE[shape.dtype] + 4 * x * acc + B * N * N * acc,
+                 flops=2.0 * B * N * N * d, unit=unit, kernels=9, host_ops=9)
+
+
+def _similarity_triton(shape: Shape) -> Phase:
+    """otprune.triton_kernels.similarity: column sums of squares, ~12 small torch ops on (B, d)
+    scales (fp16: the hi/lo exponents), one 64 x 64-tile GEMM over the upper block triangle; fp16 input: two fp16 tensor-core
+    products (hi + lo split), other dtypes: fp32 (ieee) products."""
+    B, N, d = shape.B, shape.N, shape.d
+    tiles, share = _tiles(N, 64, triangle=True)
+    fp16 = shape.dtype == "float16"
+    flops = (2 if fp16 else 1) * 2.0 * B * N * N * d * share
+    return Phase("similarity (Triton: fused normalisation, triangle GEMM)",
+                 hbm_bytes=2 * B * N * d * _ITEMSIZE[shape.dtype] + B * N * N * F32,
+                 flops=flops, unit="fp16_tc" if fp16 else "fp32", sms=B * tiles, kernels=14, host_ops=16)
+
+
+def _similarity_fused(shape: Shape) -> Phase:
+    """Designed stage 1 (not implemented): the Triton similarity GEMM with its scale computation
+    fused into the sum-of-squares kernel (2 kernels, 3 host ops)."""
+    return replace(_similarity_triton(shape), name="similarity (fused normalisation, triangle GEMM)",
+                   kernels=2, host_ops=3)
+
+
+def _rows_gemm(shape: Shape, unit: str, tile: Optional[int], triangle: bool, products: int, what: str) -> Phase:
+    """G = gamma S S^T precomputed: read S, write G (B N^2 fp32 each), 2 N^3 FLOPs per product.
+    tile: output tile edge of a kernel without split-K (its tiles bound the SMs it uses); None for
+    cuBLAS, which splits K to fill every SM."""
+    B, N = shape.B, shape.N
+    tiles, share = _tiles(N, tile or 1, triangle)
+    return Phase(f"kernel rows: G = gamma S S^T ({what})", hbm_bytes=2 * B * N * N * F32,
+                 flops=products * 2.0 * B * N ** 3 * share, unit=unit, sms=B * tiles if tile else None,
+                 kernels=2, host_ops=2)
+
+
+def _sort(shape: Shape) -> Phase:
+    """sort_picks: where, sort, where on (B, k) int64."""
+    return Phase("sort picks", hbm_bytes=3 * 2 * shape.B * shape.k * 8, kernels=3, host_ops=3)
+
+
+def _c_traffic(shape: Shape) -> float:
+    """Bytes of the previous Cholesky rows C[:t] read over all steps t = 1 .. k-1: B N 4 sum(t)."""
+    k = shape.k
+    return shape.B * shape.N * F32 * (k - 1) * (k - 2) / 2
+
+
+# --------------------------------------------------------------------------------- the greedies
+
+
+def _greedy_kernel(shape: Shape, gpu: Gpu, lat: Latency, rows: str, cluster: int, name: str) -> Phase:
+    """One launch: ``cluster`` SMs per image (1 = one thread block), the image's columns split
+    among them; Cholesky rows in shared memory while k x ceil(N / cluster) x 4 B fit, else L2/HBM;
+    rows "full" (one row of G per step) or "lazy" (gamma S[j, :] S per step, N^2 reads)."""
+    B, N, k = shape.B, shape.N, shape.k
+    sms = B * cluster
+    waves = -(-sms // gpu.sms)
+    cols = -(-N // cluster)
+    c = _c_traffic(shape)
+    on_chip = (k + 2) * cols * F32 <= gpu.smem_bytes  # C rows plus d2 and the current row
+    hbm = l2 = smem = 0.0
+    if on_chip:
+        smem += c
+    elif _cached(B * k * N * F32, gpu):
+        l2 += c
+    else:
+        hbm += c
+    flops = 2.0 * c / F32
+    if rows == "full":
+        l2 += B * (k - 1) * N * F32
+    else:
+        s_reads = B * (k - 1) * N * N * F32
+        if _cached(B * N * N * F32, gpu):
+            l2 += s_reads
+        else:
+            hbm += s_reads
+        flops += 2.0 * B * (k - 1) * N * N
+    step = lat.block_step_s if cluster == 1 else lat.cluster_step_s
+    steps = waves * (k - 1)
+    return Phase(name, hbm_bytes=hbm + B * N * F32, l2_bytes=l2, smem_bytes=smem, flops=flops,
+                 sms=sms, steps=steps, latency_s=steps * step, kernels=1, host_ops=3)
+
+
+def _greedy_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> Phase:
+    """The one-block kernel before the redesign: re-reads all of S every step, C rows in global."""
+    B, N, k = shape.B, shape.N, shape.k
+    acc, unit = _acc(shape)
+    s_reads = B * k * N * N * acc  # the diagonal pass plus k - 1 row formations
+    c = _c_traffic(shape) * acc / F32
+    hit = _cached(B * N * N * acc, gpu)
+    return Phase("greedy (one block per image, S re-read every step)",
+                 hbm_bytes=0.0 if hit else s_reads, l2_bytes=(s_reads if hit else 0.0) + c,
+                 flops=2.0 * B * k * N * N, unit=unit, sms=B, steps=k - 1, latency_s=(k - 1) * lat.block_step_s,
+                 kernels=1, host_ops=3)
+
+
+# The Triton greedy's tiling (otprune/triton_kernels/greedy.py: BLOCK_T, MAX_BLOCK_N; a test keeps
+# these equal): rows of C per dependent inner-loop iteration, columns per chunk.
+TRITON_BLOCK_T = 16
+TRITON_MAX_BLOCK_N = 1024
+
+
+def _greedy_triton(shape: Shape, gpu: Gpu, lat: Latency) -> Phase:
+    """One program per image; C rows in a global scratch; per step and column chunk the row of L,
+    then C[:t] in dependent loads of TRITON_BLOCK_T rows each."""
+    B, N, k = shape.B, shape.N, shape.k
+    col_chunks = -(-N // TRITON_MAX_BLOCK_N)
+    chunks = col_chunks * sum(-(-t // TRITON_BLOCK_T) for t in range(1, k - 1))
+    c = _c_traffic(shape)
+    hit = _cached(B * k * N * F32, gpu)
+    return Phase("greedy (Triton, one program per image, C in global)",
+                 hbm_bytes=(0.0 if hit else c) + B * N * F32, l2_bytes=(c if hit else 0.0) + B * (k - 1) * N * F32,
+                 flops=2.0 * c / F32, sms=B, steps=(k - 1) + chunks,
+                 latency_s=(k - 1) * lat.block_step_s + chunks * lat.round_trip_s, kernels=1, host_ops=4)
+
+
+# Framework ops per step of otprune.greedy.greedy_picks on a GPU (index arithmetic, row fetch,
+# gather + baddbmm of C, rsqrt, scale, addcmul, index_fill, max, store of the pick); "lazy" adds the
+# bmm that forms the row. tests/test_cost_model.py counts them on the real loop.
+TORCH_STEP_OPS = {"full": 9, "lazy": 10}
+
+
+def _greedy_torch(shape: Shape, gpu: Gpu, lat: Latency, rows: str) -> Phase:
+    """otprune.greedy.greedy_picks: a host loop of small ops per step, no host sync."""
+    B, N, k = shape.B, shape.N, shape.k
+    acc, unit = _acc(shape)
+    ops = (k - 1) * TORCH_STEP_OPS[rows] + 6
+    c = _c_traffic(shape) * acc / F32
+    s_reads = B * (k - 1) * N * N * acc if rows == "lazy" else B * (k - 1) * N * acc
+    hit = _cached(B * N * N * acc, gpu)
+    return Phase(f"greedy (torch host loop, rows {rows})", hbm_bytes=0.0 if hit else s_reads,
+                 l2_bytes=c + (s_reads if hit else 0.0), flops=2.0 * c / acc, unit=unit, sms=B,
+                 steps=k - 1, kernels=ops, host_ops=ops)
+
+
+def _torch_rows(shape: Shape) -> str:
+    """The torch greedy's lazy/full rule (otprune.greedy.kernel_rows_strategy) for this shape."""
+    from .greedy import FULL_ROWS_MAX_BYTES, FULL_ROWS_MIN_N, FULL_ROWS_MIN_SHARE
+
+    acc, _ = _acc(shape)
+    fits = shape.B * shape.N * shape.N * acc <= FULL_ROWS_MAX_BYTES
+    return "full" if fits and (shape.N >= FULL_ROWS_MIN_N or shape.k >= FULL_ROWS_MIN_SHARE * shape.N) else "lazy"
+
+
+def _official(shape: Shape, gpu: Gpu, lat: Latency) -> List[Phase]:
+    """The public release's loop, image after image: fp32 GEMMs for S and L (its identity built on
+    the host and copied over), then per step 9 ops and 2 host syncs (.item(), the epsilon test)."""
+    B, N, d, k = shape.B, shape.N, shape.d, shape.k
+    x = N * d
+    per_image = [
+        Phase("normalise + S (fp32 GEMM)", hbm_bytes=x * _ITEMSIZE[shape.dtype] + 2 * x * F32 + N * N * F32,
+              flops=2.0 * N * N * d, kernels=4, host_ops=4),
+        Phase("L = I + gamma S S^T (fp32 GEMM, eye copied from the host)", hbm_bytes=4 * N * N * F32,
+              h2d_bytes=N * N * F32, flops=2.0 * N ** 3, kernels=4, host_ops=4),
+        Phase("greedy (host loop, 2 syncs per step)", l2_bytes=N * F32 * k * (k - 1) / 2 + k * N * F32,
+              flops=float(N * k * (k - 1)), sms=1, steps=k - 1, kernels=9 * (k - 1) + 4,
+              host_ops=9 * (k - 1) + 4, host_syncs=2 * (k - 1) + 2),
+    ]
+    return [replace(p, hbm_bytes=B * p.hbm_bytes, h2d_bytes=B * p.h2d_bytes, l2_bytes=B * p.l2_bytes,
+                    flops=B * p.flops, steps=B * p.steps, kernels=B * p.kernels, host_ops=B * p.host_ops,
+                    host_syncs=B * p.host_syncs) for p in per_image]
+
+
+# Cluster sizes (SMs per image) a cluster design may launch with; 1 = one block per image.
+CLUSTERS = (1, 2, 4, 8, 16)
+
+
+def _onchip_variants(shape: Shape, gpu: Gpu, lat: Latency, stage1: str, g_unit: str, clusters: Sequence[int],
+                     rows_rule: bool) -> List[Tuple[str, List[Phase]]]:
+    """A one-launch greedy with the Cholesky rows in shared memory while they fit.
+
+    stage1: "torch" (otprune.kernel.similarity) or "fused" (fused normalisation + tensor-core
+    triangle GEMM, 2 kernels). g_unit: how G = gamma S S^T is computed for "full" rows: "fp32"
+    (cuBLAS sgemm through torch, TF32 off) or "fp16_tc" (split-fp16 tensor-core GEMM with fp32-level
+    products, as the Triton similarity already does). clusters: SMs per image tried. rows_rule:
+    rows "full" / "lazy" by otprune.greedy.FULL_ROWS_MAX_BYTES (as the CUDA backend's launcher
+    decides), else both tried.
+    """
+    from .greedy import FULL_ROWS_MAX_BYTES
+
+    if rows_rule:
+        rows_options = ("full",) if shape.B * shape.N * shape.N * F32 <= FULL_ROWS_MAX_BYTES else ("lazy",)
+    else:
+        rows_options = ("full", "lazy")
+    out = []
+    for cluster in clusters:
+        if cluster > 1 and shape.B * cluster > gpu.sms:
+            continue
+        where = "one block per image" if cluster == 1 else f"cluster of {cluster} SMs per image"
+        for rows in rows_options:
+            phases = [_validation(shape), _similarity_torch(shape) if stage1 == "torch" else _similarity_fused(shape)]
+            if rows == "full":
+                if g_unit == "fp16_tc":
+                    phases.append(_rows_gemm(shape, "fp16_tc", 64, True, 3, "split-fp16 tensor-core GEMM"))
+                else:
+                    phases.append(_rows_gemm(shape, "fp32", None, False, 1, "fp32 cuBLAS GEMM"))
+            phases.append(_greedy_kernel(shape, gpu, lat, rows, cluster, f"greedy ({where}, rows {rows})"))
+            phases.append(_sort(shape))
+            out.append((f"rows {rows}, {where}", phases))
+    return out
+
+
+def _design_cuda_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
+    return [("torch similarity, one block per image re-reading S",
+             [_validation(shape), _similarity_torch(shape), _greedy_legacy(shape, gpu, lat), _sort(shape)])]
+
+
+def _design_triton(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
+    return [("Triton similarity, full L, one program per image",
+             [_validation(shape), _similarity_triton(shape),
+              _rows_gemm(shape, "fp32", 64, True, 1, "Triton fp32 ieee triangle GEMM"),
+              _greedy_triton(shape, gpu, lat), _sort(shape)])]
+
+
+def _design_torch(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
+    rows = _torch_rows(shape)
+    phases = [_validation(shape), _similarity_torch(shape)]
+    if rows == "full":
+        phases.append(_rows_gemm(shape, _acc(shape)[1], None, False, 1, "torch fp32 GEMM"))
+    phases += [_greedy_torch(shape, gpu, lat, rows), _sort(shape)]
+    return [(f"torch ops, rows {rows}, host loop", phases)]
+
+
+def _design_official(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
+    return [("public release's loop, image after image", _official(shape, gpu, lat))]
+
+
+# Design name -> builder of its variants [(description, phases)]; a design with several variants is
+# rated by its fastest one (its launcher is meant to choose the same).
+DESIGNS = {
+    "cuda-legacy": _design_cuda_legacy,
+    # implemented in csrc/ (one block per image sized to N, rows on-chip while they fit)
+    "cuda-block-onchip": lambda sh, g, lt: _onchip_variants(sh, g, lt, "torch", "fp32", (1,), True),
+    # designs not implemented: fused stage 1 and clusters, with an fp32 or a split-fp16 G
+    "cuda-cluster-fp32-rows": lambda sh, g, lt: _onchip_variants(sh, g, lt, "fused", "fp32", CLUSTERS, False),
+    "cuda-cluster-split-fp16-rows": lambda sh, g, lt: _onchip_variants(sh, g, lt, "fused", "fp16_tc", CLUSTERS,
+                                                                        False),
+    "triton": _design_triton,
+    "torch": _design_torch,
+    "official": _design_official,
+}
+# The design each GPU backend's code implements (update with the code: auto ranks by it).
+BACKEND_DESIGN = {"cuda": "cuda-block-onchip", "triton": "triton", "torch": "torch"}
+GPU_BACKENDS = tuple(BACKEND_DESIGN)
+
+
+def estimate(name: str, shape: Shape, gpu: Gpu = H100, lat: Latency = LATENCY) -> Estimate:
+    """The modelled call of a GPU backend (``GPU_BACKENDS``, through ``BACKEND_DESIGN``) or a
+    design (``DESIGNS``) for ``shape`` on ``gpu``: its fastest variant."""
+    design = BACKEND_DESIGN.get(name, name)
+    if design not in DESIGNS:
+        raise ValueError(f"name must be one of {GPU_BACKENDS + tuple(DESIGNS)}, got {name!r}")
+    ests = [Estimate(name, text, tuple(phases), gpu, lat) for text, phases in DESIGNS[design](shape, gpu, lat)]
+    return min(ests, key=lambda e: e.seconds)
+
+
+# ------------------------------------------------------------------------- ranking and override
+
+
+def gpu_for(device_name: str) -> Gpu:
+    """The figures used for a CUDA device name: H200's for an H200, H100's for every other GPU
+    (the ranking, not the absolute time, is what ``auto`` uses)."""
+    return H200 if "H200" in device_name.upper() else H100
+
+
+Measurements = Dict[Tuple[str, str, int, int, int, int, str], float]
+
+
+def load_measurements(path: str) -> Measurements:
+    """A measured table from ``python -m bench select``'s CSV: (device, backend, B, N, d, k, dtype)
+    -> p50 seconds of the latest row. Providers other than ``otprune-<backend>`` are ignored."""
+    out: Measurements = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            prov = r.get("provider", "")
+            if not prov.startswith("otprune-"):
+                continue
+            key = (r["device"], prov[len("otprune-"):], int(r["B"]), int(r["N"]), int(r["d"]), int(r["k"]), r["dtype"])
+            out[key] = float(r["p50_ms"]) * 1e-3
+    return out
+
+
+MEASURED_ENV = "OTPRUNE_MEASURED"
+
+
+@lru_cache(maxsize=None)
+def _measured_from_env(path: str) -> Measurements:
+    return load_measurements(path) if path else {}
+
+
+@lru_cache(maxsize=4096)
+def _modelled(name: str, shape: Shape, gpu: Gpu) -> float:
+    return estimate(name, shape, gpu).seconds
+
+
+def rank(names: Sequence[str], shape: Shape, device_name: str,
+         measured: Optional[Measurements] = None) -> List[str]:
+    """``names`` (GPU backends) from fastest to slowest for ``shape`` on the named CUDA device.
+
+    Measured times are used when every one of ``names`` has a row for this device and shape in
+    ``measured`` (default: the CSV named by the environment variable ``OTPRUNE_MEASURED``);
+    otherwise the model's bounds (model and measurement are never mixed in one ranking).
+    Ties keep the order of ``names``.
+    """
+    if measured is None:
+        measured = _measured_from_env(os.environ.get(MEASURED_ENV, ""))
+    keys = [(device_name, n, shape.B, shape.N, shape.d, shape.k, shape.dtype) for n in names]
+    if measured and all(k in measured for k in keys):
+        times = [measured[k] for k in keys]
+    else:
+        gpu = gpu_for(device_name)
+        times = [_modelled(n, shape, gpu) for n in names]
+    order = sorted(range(len(names)), key=lambda i: (times[i], i))
+    return [names[i] for i in order]
+
+
+def round_budget(ratio: float, n: int) -> int:
+    """k for a keep ratio, as select computes it (Python's round, at least 1)."""
+    return max(1, min(n, int(round(ratio * n))))
+
+
+def speedup(shape: Shape, backend: str, gpu: Gpu) -> float:
+    """Modelled public-loop time over ``backend``'s for the same batch."""
+    return estimate("official", shape, gpu).seconds / estimate(backend, shape, gpu).seconds
+
+
+__all__ = ["Estimate", "Gpu", "GPUS", "GPU_BACKENDS", "H100", "H200", "LATENCY", "Latency", "Phase", "Shape",
+           "BACKEND_DESIGN", "DESIGNS", "estimate", "gpu_for", "load_measurements", "rank", "round_budget", "speedup"]

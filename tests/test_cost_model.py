@@ -1,0 +1,207 @@
+"""The GPU cost model (otprune.cost_model): its bounds obey their definition and monotonicity, its
+per-step op count matches the torch loop, and ``auto`` on CUDA follows it (CPU only: usability is
+monkeypatched, nothing runs on a GPU)."""
+
+import csv
+import importlib
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from otprune import backends
+from otprune import cost_model as cm
+
+SHAPES = [cm.Shape(B, N, d, cm.round_budget(r, N), dt)
+          for B, N, d, r, dt in [(1, 576, 4096, 0.098, "float16"), (8, 576, 1024, 0.222, "float16"),
+                                 (32, 576, 4096, 0.098, "float16"), (1, 2880, 4096, 0.098, "float16"),
+                                 (32, 2880, 4096, 0.098, "float16"), (4, 1000, 512, 0.3, "float32"),
+                                 (2, 300, 64, 0.5, "float64")]]
+NAMES = list(cm.GPU_BACKENDS) + list(cm.DESIGNS)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}N{s.N}d{s.d}k{s.k}{s.dtype}")
+@pytest.mark.parametrize("gpu", cm.GPUS, ids=lambda g: g.name)
+def test_bound_is_its_definition(shape, gpu):
+    lat = cm.LATENCY
+    for name in NAMES:
+        est = cm.estimate(name, shape, gpu)
+        assert est.seconds == pytest.approx(max(est.host_s, est.device_s) + est.host_syncs * lat.host_sync_s)
+        assert est.host_s == pytest.approx(est.host_ops * lat.launch_s)
+        assert est.seconds >= est.device_s and est.seconds >= est.host_s > 0
+        for p in est.phases:
+            t = p.device_s(gpu, lat)
+            sms = gpu.sms if p.sms is None else min(gpu.sms, p.sms)
+            assert t >= p.hbm_bytes / gpu.hbm_bw  # never faster than HBM allows
+            assert t >= p.flops / getattr(gpu, p.unit) * (1 - 1e-12)  # nor than the peak rate
+            assert t >= p.flops / (getattr(gpu, p.unit) * sms / gpu.sms) * (1 - 1e-12)  # on the SMs it uses
+            assert t >= p.latency_s + p.kernels * lat.kernel_s
+        assert est.flops > 0 and est.hbm_bytes > 0
+
+
+@pytest.mark.parametrize("name", NAMES, ids=lambda n: f"name-{n}")  # an id "cuda" would mark it GPU-only
+def test_bound_grows_with_work(name):
+    """More images, more picks or more features never make a call cheaper; a faster HBM never
+    makes it slower."""
+    base = cm.Shape(8, 576, 1024, 56)
+    for bigger in (cm.Shape(32, 576, 1024, 56), cm.Shape(8, 576, 1024, 120), cm.Shape(8, 576, 4096, 56)):
+        for gpu in cm.GPUS:
+            assert cm.estimate(name, bigger, gpu).seconds >= cm.estimate(name, base, gpu).seconds * (1 - 1e-9)
+    for shape in SHAPES:
+        assert cm.estimate(name, shape, cm.H200).seconds <= cm.estimate(name, shape, cm.H100).seconds * (1 + 1e-9)
+
+
+def test_modelled_work_matches_the_algorithms():
+    """Bytes and FLOPs every design must at least move / compute, from the algorithm itself."""
+    for shape in SHAPES:
+        B, N, d, k = shape.B, shape.N, shape.d, shape.k
+        for name in NAMES:
+            est = cm.estimate(name, shape, cm.H100)
+            assert est.hbm_bytes >= B * N * d * 2  # the features are read
+            assert est.flops >= B * N * N * d  # the similarity (half of it, by symmetry)
+            assert est.steps >= k - 1 or name == "official"
+        legacy = cm.estimate("cuda-legacy", shape, cm.H100)  # re-reads S (N^2 floats) every step
+        assert legacy.hbm_bytes + legacy.onchip_bytes >= B * k * N * N * 4
+        assert cm.estimate("official", shape, cm.H100).host_syncs >= B * (k - 1)  # .item() per step
+
+
+def test_design_choices_follow_the_numbers():
+    """The CUDA designs take the variant the model rates fastest, and the Cholesky rows sit in shared
+    memory only when they fit."""
+    for shape, gpu in itertools.product(SHAPES, cm.GPUS):
+        for design in ("cuda-block-onchip", "cuda-cluster-fp32-rows", "cuda-cluster-split-fp16-rows"):
+            variants = cm.DESIGNS[design](shape, gpu, cm.LATENCY)
+            best = min(cm.Estimate(design, t, tuple(p), gpu).seconds for t, p in variants)
+            assert cm.estimate(design, shape, gpu).seconds == pytest.approx(best)
+            for text, phases in variants:
+                greedy = next(p for p in phases if p.name.startswith("greedy"))
+                cluster = 1 if "one block" in text else int(text.split("cluster of ")[1].split()[0])
+                fits = (shape.k + 2) * -(-shape.N // cluster) * 4 <= gpu.smem_bytes
+                assert (greedy.smem_bytes > 0) == (fits and shape.k > 2)
+
+
+@pytest.mark.parametrize("rows", ["full", "lazy"])
+def test_torch_step_ops_match_the_loop(rows):
+    """TORCH_STEP_OPS is at most the number of non-view ops one step of greedy_picks dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from otprune.greedy import greedy_picks
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    s = torch.randn(2, 24, 24, generator=torch.Generator().manual_seed(0))
+    s = s + s.transpose(1, 2)
+    counts = []
+    for k in (5, 6):
+        with Count() as c:
+            greedy_picks(s, [k, k], 0.01, rows=rows)
+        counts.append(c.n)
+    assert cm.TORCH_STEP_OPS[rows] <= counts[1] - counts[0] <= cm.TORCH_STEP_OPS[rows] + 2
+
+
+def test_triton_tiling_matches_the_kernel():
+    tg = importlib.import_module("otprune.triton_kernels.greedy")
+
+    assert (cm.TRITON_BLOCK_T, cm.TRITON_MAX_BLOCK_N) == (tg.BLOCK_T, tg.MAX_BLOCK_N)
+
+
+def test_shape_rejects_bad_input():
+    with pytest.raises(ValueError, match="k=9 exceeds N=8"):
+        cm.Shape(1, 8, 4, 9)
+    with pytest.raises(ValueError, match="dtype"):
+        cm.Shape(1, 8, 4, 2, "int8")
+    with pytest.raises(ValueError, match="B must be"):
+        cm.Shape(0, 8, 4, 2)
+    with pytest.raises(ValueError, match="name must be one of"):
+        cm.estimate("nope", cm.Shape(1, 8, 4, 2))
+
+
+# ------------------------------------------------------------------------------------------ auto
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend the named backends are usable for CUDA tensors; returns a setter for that set."""
+    usable_set = set()
+
+    def usable(name, dev):
+        return (dev == "cuda" and name in usable_set, "" if name in usable_set else "monkeypatched off")
+
+    monkeypatch.setattr(backends, "usable", usable)
+    monkeypatch.setattr(backends, "get_backend",
+                        lambda name: backends.Backend(name, ("cuda",), similarity=None, greedy=None))
+    monkeypatch.delenv(cm.MEASURED_ENV, raising=False)
+    backends._ranked.cache_clear()
+    yield usable_set.update
+    backends._ranked.cache_clear()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"B{s.B}N{s.N}")
+@pytest.mark.parametrize("avail", [("cuda", "triton", "torch"), ("triton", "torch"), ("cuda", "torch"), ("torch",)])
+def test_auto_follows_the_model(fake_cuda, shape, avail):
+    fake_cuda(avail)
+    dtype = getattr(torch, shape.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning for backends monkeypatched off
+        got = backends.resolve("auto", torch.device("cuda"), (shape.B, shape.N, shape.d, shape.k, dtype)).name
+    times = {n: cm.estimate(n, shape, cm.H100).seconds for n in avail}
+    assert times[got] == min(times.values())
+    assert times[got] <= times["torch"]  # never slower than the torch backend
+
+
+def test_cpu_order_is_measured_order():
+    assert backends.auto_order(torch.device("cpu")) == ("cpu", "torch")
+
+
+def _write_measured(path, device, shape, p50_ms):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device", "provider", "B", "N", "d", "k", "dtype", "p50_ms"])
+        w.writeheader()
+        for name, ms in p50_ms.items():
+            w.writerow({"device": device, "provider": f"otprune-{name}", "B": shape.B, "N": shape.N,
+                        "d": shape.d, "k": shape.k, "dtype": shape.dtype, "p50_ms": ms})
+
+
+def test_measurements_override_the_model(tmp_path, fake_cuda, monkeypatch):
+    shape = SHAPES[0]
+    fake_cuda(("cuda", "triton", "torch"))
+    modelled = cm.rank(list(cm.GPU_BACKENDS), shape, "", measured={})
+    slowest = modelled[-1]
+    path = tmp_path / "select.csv"
+    # measured: the model's slowest backend is the fastest on this device
+    _write_measured(path, "", shape, {n: (0.01 if n == slowest else 1.0) for n in cm.GPU_BACKENDS})
+    measured = cm.load_measurements(str(path))
+    assert cm.rank(list(cm.GPU_BACKENDS), shape, "", measured)[0] == slowest
+    monkeypatch.setenv(cm.MEASURED_ENV, str(path))
+    backends._ranked.cache_clear()
+    shp = (shape.B, shape.N, shape.d, shape.k, torch.float16)
+    assert backends.resolve("auto", torch.device("cuda"), shp).name == slowest
+    # a backend without a measurement: the model ranks them all (never a mix)
+    partial = {k: v for k, v in measured.items() if k[1] != modelled[0]}
+    assert cm.rank(list(cm.GPU_BACKENDS), shape, "", partial) == modelled
+    # another device's measurements do not apply
+    assert cm.rank(list(cm.GPU_BACKENDS), shape, "NVIDIA H200", measured) == \
+        cm.rank(list(cm.GPU_BACKENDS), shape, "NVIDIA H200", measured={})
+
+
+def test_bench_model_report(tmp_path):
+    """`python -m bench model` writes a report naming every backend, design, auto's pick and the
+    figures used."""
+    from bench.__main__ import main
+
+    assert main(["model", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "model.md").read_text()
+    for name in list(cm.GPU_BACKENDS) + [d for d in cm.DESIGNS if d not in cm.BACKEND_DESIGN.values()]:
+        assert f"| {name} |" in text
+    for needle in ("3.35 TB/s", "4.8 TB/s", "989 TFLOP/s", "67 TFLOP/s", "50 MB", "auto picks", "MISSES", "meets"):
+        assert needle in text
+    assert text.count("auto picks") == 6
