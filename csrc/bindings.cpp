@@ -25,8 +25,8 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// s: (B, N, N) float32/float64 symmetric similarity S, or with full = true (CPU only) the
-// precomputed gamma * S S^T; ks: (B,) int64 CPU budgets in [1, N]; valid: optional (B, N) bool
+// s: (B, N, N) float32/float64 symmetric similarity S, or with full = true the precomputed
+// gamma * S S^T; ks: (B,) int64 CPU budgets in [1, N]; valid: optional (B, N) bool
 // mask on s's device; stream: the cudaStream_t to launch on, as an integer (CUDA only; the caller
 // passes torch.cuda.current_stream().cuda_stream). Returns (B, max(ks)) int64 picks in greedy
 // order, -1 past ks[b], on s's device.
@@ -61,7 +61,6 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
   at::Tensor work = at::empty({B, std::max<int64_t>(k_max - 1, 1), N}, s.options());
 
   if (s.is_cuda()) {
-    TORCH_CHECK(!full, "full = true (precomputed kernel rows) is implemented for CPU tensors only");
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(s.device());
     // Ragged budgets travel through pinned memory: an asynchronous copy, no host synchronisation.
@@ -71,7 +70,7 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
       TORCH_CHECK(N <= otprune::cuda_max_n<scalar_t>(), "the CUDA greedy supports N <= ",
                   otprune::cuda_max_n<scalar_t>(), " for ", s.scalar_type(), ", got N = ", N);
       const cudaError_t err = otprune::greedy_cuda<scalar_t>(
-          s.data_ptr<scalar_t>(), ragged ? ks_dev.data_ptr<int64_t>() : nullptr, vp, B, N, k_max,
+          s.data_ptr<scalar_t>(), full, ragged ? ks_dev.data_ptr<int64_t>() : nullptr, vp, B, N, k_max,
           static_cast<scalar_t>(gamma), work.data_ptr<scalar_t>(), picks.data_ptr<int64_t>(), stream);
       TORCH_CHECK(err == cudaSuccess, "otprune CUDA greedy launch failed: ", cudaGetErrorString(err));
     });

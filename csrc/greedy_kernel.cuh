@@ -1,10 +1,12 @@
-// The CUDA greedy kernel and its device helpers, kept apart from the launcher (greedy_cuda.cu) so
-// that the same source also compiles for the host under tests/simt/simt.h (the SIMT emulation).
+// The CUDA greedy kernel, its device helpers and its launch plan, kept apart from the launcher
+// (greedy_cuda.cu) so that the same source also compiles for the host under tests/simt/simt.h
+// (the SIMT emulation). Design and cost bound: greedy_cuda.cu's header.
 #pragma once
 
 #include <math_constants.h>
 
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 
 // Dynamic shared memory: nvcc gets the usual extern array; the emulation defines this macro first.
@@ -15,8 +17,34 @@
 namespace otprune {
 namespace detail {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / kWarp;
+
+// Launch plan for one batch: every image is one block of `threads` threads, thread x owning items
+// x, x + threads, ... of the image; `threads` is chosen so that every thread owns the same number
+// of items, up to the last warp (N = 576: 576 threads x 1; N = 2880: 960 x 3; N = 577: 608 x 1).
+// All shared memory is dynamic (smem_bytes): the argmax scratch, the residuals d2 (N values) and,
+// when they fit under smem_limit, the Cholesky rows (rows x N values; else the global workspace).
+struct GreedyPlan {
+  int threads;
+  size_t smem_bytes;
+  bool rows_on_chip;
+};
+
+// Bytes of the argmax scratch: two slots (step parity) of one (value, index) pair per warp.
+inline constexpr size_t argmax_scratch_bytes(size_t elem) { return 2 * kMaxWarps * (elem + sizeof(int)); }
+
+// The plan for n items, k_max picks, elem-byte values and smem_limit bytes of shared memory per block.
+inline GreedyPlan greedy_plan(int64_t n, int64_t k_max, size_t elem, size_t smem_limit) {
+  const int64_t per = (n + kMaxThreads - 1) / kMaxThreads;
+  const int64_t threads = ((n + per - 1) / per + kWarp - 1) / kWarp * kWarp;
+  const int64_t rows = k_max > 1 ? k_max - 1 : 1;
+  const size_t base = argmax_scratch_bytes(elem) + static_cast<size_t>(n) * elem;
+  const size_t with_rows = base + static_cast<size_t>(rows * n) * elem;
+  const bool on_chip = with_rows <= smem_limit;
+  return GreedyPlan{static_cast<int>(threads), on_chip ? with_rows : base, on_chip};
+}
 
 template <typename T>
 __device__ __forceinline__ T neg_inf();
@@ -25,7 +53,8 @@ __device__ __forceinline__ float neg_inf<float>() { return -CUDART_INF_F; }
 template <>
 __device__ __forceinline__ double neg_inf<double>() { return -CUDART_INF; }
 
-// Whether (v, i) beats (bv, bi): larger value, NaN counts as largest, ties to the lower index.
+// Whether (v, i) beats (bv, bi): larger value, NaN counts as largest, ties to the lower index
+// (torch.max semantics). A total order, so every lane of a butterfly ends with the same winner.
 template <typename T>
 __device__ __forceinline__ bool better(T v, int i, T bv, int bi) {
   const bool vn = v != v, bn = bv != bv;
@@ -33,12 +62,12 @@ __device__ __forceinline__ bool better(T v, int i, T bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-// Warp-wide argmax of the lanes' (bv, bi) pairs; lane 0 ends with the winner.
+// Warp-wide argmax of the lanes' (bv, bi) pairs by butterfly: every lane ends with the winner.
 template <typename T>
 __device__ __forceinline__ void warp_argmax(T& bv, int& bi) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const T ov = __shfl_down_sync(0xffffffffu, bv, off);
-    const int oi = __shfl_down_sync(0xffffffffu, bi, off);
+  for (int mask = kWarp / 2; mask > 0; mask >>= 1) {
+    const T ov = __shfl_xor_sync(0xffffffffu, bv, mask);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, mask);
     if (better(ov, oi, bv, bi)) {
       bv = ov;
       bi = oi;
@@ -46,101 +75,113 @@ __device__ __forceinline__ void warp_argmax(T& bv, int& bi) {
   }
 }
 
-// Block-wide argmax of d2[0:n] (torch.max semantics). Every thread gets the index and value.
+// Block-wide argmax of d2 over the whole image, each thread scanning its own items; every thread
+// gets (j, pivot). One barrier: the warps' winners go to scratch slot `parity`, which the next
+// call leaves alone (it uses the other slot) and the call after that may overwrite only once
+// every thread has passed the next call's barrier, i.e. has finished reading this one.
 template <typename T>
-__device__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int& j, T& pivot) {
+__device__ __forceinline__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int parity, int& j, T& pivot) {
   T bv = neg_inf<T>();
   int bi = INT_MAX;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
     if (better(d2[i], i, bv, bi)) {
       bv = d2[i];
       bi = i;
     }
   }
   warp_argmax(bv, bi);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  T* slot_v = red_v + parity * kMaxWarps;
+  int* slot_i = red_i + parity * kMaxWarps;
   if (lane == 0) {
-    red_v[warp] = bv;
-    red_i[warp] = bi;
+    slot_v[warp] = bv;
+    slot_i[warp] = bi;
   }
-  __syncthreads();
-  if (warp == 0) {
-    bv = lane < kWarps ? red_v[lane] : neg_inf<T>();
-    bi = lane < kWarps ? red_i[lane] : INT_MAX;
-    warp_argmax(bv, bi);
-    if (lane == 0) {
-      red_v[kWarps] = bv;
-      red_i[kWarps] = bi;
-    }
-  }
-  __syncthreads();
-  j = red_i[kWarps];
-  pivot = red_v[kWarps];
-  __syncthreads();  // red_* are reused by the next call
+  __syncthreads();  // step barrier: the only one per greedy step
+  bv = lane < warps ? slot_v[lane] : neg_inf<T>();
+  bi = lane < warps ? slot_i[lane] : INT_MAX;
+  warp_argmax(bv, bi);
+  j = bi;
+  pivot = bv;
 }
 
+// gamma * (S[j, :] S)[i] for symmetric (n, n) S, in the C++ CPU path's order (four rows a pass).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    greedy_kernel(const T* __restrict__ s, const int64_t* __restrict__ ks, const uint8_t* __restrict__ valid,
-                  int n, int k_max, int rows, T gamma, T* __restrict__ work, int64_t* __restrict__ picks) {
+__device__ __forceinline__ T lazy_row_entry(const T* __restrict__ S, int n, int j, int i, T gamma) {
+  const T* sj = S + static_cast<size_t>(j) * n;
+  T acc = 0;
+  int m = 0;
+  for (; m + 4 <= n; m += 4) {
+    const T* col = S + static_cast<size_t>(m) * n + i;
+    acc += sj[m] * col[0] + sj[m + 1] * col[n] + sj[m + 2] * col[2 * n] + sj[m + 3] * col[3 * n];
+  }
+  for (; m < n; ++m) acc += sj[m] * S[static_cast<size_t>(m) * n + i];
+  return acc * gamma;
+}
+
+// One block per image runs the whole greedy (semantics and arithmetic: otprune/greedy.py and
+// csrc/greedy_cpu.cpp). src: (batch, n, n), the similarity S (full = false: kernel rows formed
+// per step from S) or G = gamma S S^T (full = true: row j of G read per step). RowsOnChip: the
+// Cholesky rows live in shared memory after d2, else in work (batch, rows, n).
+// Per step, thread x touches only its own items of d2 and of the Cholesky rows, plus entry j of
+// earlier rows (written by j's owner before an earlier step barrier), so one barrier suffices.
+template <typename T, bool RowsOnChip>
+__global__ void __launch_bounds__(kMaxThreads)
+    greedy_kernel(const T* __restrict__ src, bool full, const int64_t* __restrict__ ks,
+                  const uint8_t* __restrict__ valid, int n, int k_max, int rows, T gamma, T* __restrict__ work,
+                  int64_t* __restrict__ picks) {
   OTPRUNE_DYNAMIC_SHARED(unsigned char, smem);
-  T* d2 = reinterpret_cast<T*>(smem);
-  __shared__ T red_v[kWarps + 1];
-  __shared__ int red_i[kWarps + 1];
+  T* red_v = reinterpret_cast<T*>(smem);
+  int* red_i = reinterpret_cast<int*>(red_v + 2 * kMaxWarps);
+  T* d2 = reinterpret_cast<T*>(red_i + 2 * kMaxWarps);
 
   const int b = blockIdx.x;
-  const size_t nn = static_cast<size_t>(n) * n;
-  const T* S = s + b * nn;
-  T* C = work + static_cast<size_t>(b) * rows * n;
+  const T* S = src + static_cast<size_t>(b) * n * n;
+  T* C = RowsOnChip ? d2 + n : work + static_cast<size_t>(b) * rows * n;
   int64_t* out = picks + static_cast<size_t>(b) * k_max;
   const uint8_t* ok = valid ? valid + static_cast<size_t>(b) * n : nullptr;
   const int k = ks ? static_cast<int>(ks[b]) : k_max;
 
-  // d2 = diag(L) = 1 + gamma * ||S_i||^2, summed down column i (= row i; coalesced).
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    T acc = 0;
-    for (int m = 0; m < n; ++m) {
-      const T v = S[static_cast<size_t>(m) * n + i];
-      acc += v * v;
+  // d2 = diag(L) = 1 + G[i, i], or 1 + gamma * ||S_i||^2 summed down column i (= row i; coalesced).
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    T g;
+    if (full) {
+      g = S[static_cast<size_t>(i) * n + i];
+    } else {
+      T acc = 0;
+      for (int m = 0; m < n; ++m) {
+        const T v = S[static_cast<size_t>(m) * n + i];
+        acc += v * v;
+      }
+      const T norm = sqrt(acc);
+      g = norm * norm * gamma;
     }
-    const T norm = sqrt(acc);
-    d2[i] = (ok && !ok[i]) ? neg_inf<T>() : norm * norm * gamma + T(1);
+    d2[i] = (ok && !ok[i]) ? neg_inf<T>() : g + T(1);
   }
-  __syncthreads();
   int j;
   T pivot;
-  block_argmax(d2, n, red_v, red_i, j, pivot);
+  block_argmax(d2, n, red_v, red_i, 0, j, pivot);
   if (threadIdx.x == 0) out[0] = j;
 
   for (int t = 0; t + 1 < k; ++t) {
-    // e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) * scale;  C[t, :] = e;  d2 -= e * e.
+    // e = (L[j, :] - C[:t, j]^T C[:t, :]) * scale;  C[t, :] = e;  d2 -= e * e;  d2[j] = -inf.
     const T scale = T(1) / sqrt(pivot);
-    const T* sj = S + static_cast<size_t>(j) * n;
     T* e = C + static_cast<size_t>(t) * n;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      T acc = 0;
-      int m = 0;
-      for (; m + 4 <= n; m += 4) {
-        const T* col = S + static_cast<size_t>(m) * n + i;
-        acc += sj[m] * col[0] + sj[m + 1] * col[n] + sj[m + 2] * col[2 * n] + sj[m + 3] * col[3 * n];
-      }
-      for (; m < n; ++m) acc += sj[m] * S[static_cast<size_t>(m) * n + i];
-      acc *= gamma;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      T acc = full ? S[static_cast<size_t>(j) * n + i] : lazy_row_entry(S, n, j, i, gamma);
       for (int r = 0; r < t; ++r) {
         const T* row = C + static_cast<size_t>(r) * n;
         acc -= row[j] * row[i];
       }
       acc *= scale;
       e[i] = acc;
-      d2[i] -= acc * acc;
+      const T left = d2[i] - acc * acc;
+      d2[i] = i == j ? neg_inf<T>() : left;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) d2[j] = neg_inf<T>();
-    __syncthreads();
-    block_argmax(d2, n, red_v, red_i, j, pivot);
+    block_argmax(d2, n, red_v, red_i, (t + 1) & 1, j, pivot);
     if (threadIdx.x == 0) out[t + 1] = j;
   }
-  for (int t = k + threadIdx.x; t < k_max; t += kThreads) out[t] = -1;
+  for (int t = k + threadIdx.x; t < k_max; t += blockDim.x) out[t] = -1;
 }
 
 }  // namespace detail

@@ -29,8 +29,28 @@ def _need_cuda_extension():
         pytest.skip(f"CUDA extension not usable: {why}")
 
 
-def cuda_greedy(s, ks, valid=None):
-    return backends.get_backend("cuda").greedy(s, ks, GAMMA, valid)
+def cuda_greedy(s, ks, valid=None, rows="auto"):
+    return backends.get_backend("cuda").greedy(s, ks, GAMMA, valid, rows=rows)
+
+
+@pytest.mark.parametrize("rows", ["full", "lazy"])
+@pytest.mark.parametrize("n,k", [(576, 56), (577, 200), (2880, 282)])
+def test_both_kernel_row_forms_exact_with_tf32_enabled(rows, n, k):
+    """Both forms, Cholesky rows on chip (576/56) and in global memory (577/200, 2880/282), match
+    the float64 reference with TF32 switched on globally: the full form's GEMM must turn it off."""
+    exact = 0
+    for seed in range(2):
+        x = features(n, 64, 7 * n + seed)
+        s = similarity(x.cuda().unsqueeze(0))  # at the default precision (no TF32)
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # TF32 allowed from here on
+        try:
+            got = cuda_greedy(s, [k], rows=rows)[0].sort().values.cpu()
+            assert torch.get_float32_matmul_precision() == "high"
+        finally:
+            torch.set_float32_matmul_precision(prev)
+        exact += check_exact(x, got, k, torch.float32)
+    assert exact, "every case had a near-tie: only log-dets were compared"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -9,37 +9,20 @@ about behaviour on a GPU (tests/test_simt.py runs the kernel source on the CPU).
 
 import os
 import re
-import shutil
 import subprocess
 import sysconfig
-from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+from simt_build import CSRC, CXX, NVCC, build_driver, cuda_include_dir, launch_plan
+
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
 ARCHS = ["sm_80", "sm_90"]
 
 
-def find_nvcc():
-    """nvcc from CUDA_HOME, then PATH, then the default toolkit location; None if absent."""
-    candidates = [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
-def cuda_include_dir(header="cuda_runtime_api.h"):
-    """The CUDA toolkit's include directory holding ``header`` (CUDA_HOME, CUDA_PATH, nvcc's
-    toolkit, /usr/local/cuda), or None."""
-    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    if NVCC:
-        roots += [Path(NVCC).parent.parent, Path(NVCC).resolve().parent.parent]
-    roots.append(Path("/usr/local/cuda"))
-    return next((r / "include" for r in roots if (r / "include" / header).exists()), None)
-
-
-NVCC = find_nvcc()
-CXX = os.environ.get("CXX") or shutil.which("g++")
+# Shared memory per block with opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize), and without.
+OPTIN_SMEM = {"sm_80": 166912, "sm_90": 232448}
+DEFAULT_SMEM = 48 * 1024
 
 
 def need(tool, what):
@@ -95,6 +78,35 @@ def test_compiles_without_spills(source, arch, tmp_path):
         assert res["stack"] == 0, (name, res)
         # __launch_bounds__(1024): 64 K registers per SM shared by 1024 threads.
         assert res["registers"] <= 64, (name, res)
+
+
+@pytest.fixture(scope="module")
+def plan_driver(tmp_path_factory):
+    """The SIMT driver, used here only for its --plan mode (the launcher's greedy_plan)."""
+    need(CXX, "a C++ compiler (g++ or $CXX)")
+    out = tmp_path_factory.mktemp("plan") / "driver"
+    build_driver(out, ["-O0"])
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_memory_is_what_the_launcher_requests(arch, tmp_path, plan_driver):
+    """No static shared memory (so the launch's dynamic request is the whole), the plan within the
+    arch's opt-in limit, on-chip Cholesky rows at N = 576, k = 56, and within the 48 KiB default
+    for every N the launcher accepts when the rows stay in global memory."""
+    need(NVCC, "nvcc (CUDA_HOME, PATH, /usr/local/cuda)")
+    for name, res in ptxas_report(CUDA_SOURCES[0], arch, tmp_path).items():
+        assert res["smem"] == 0, (name, res)
+    limit = OPTIN_SMEM[arch]
+    for n, k, elem in [(1, 1, 4), (576, 56, 4), (576, 56, 8), (2880, 282, 4), (6016, 300, 8), (12032, 2, 4)]:
+        threads, smem, _ = launch_plan(plan_driver, n, k, elem, limit)
+        assert smem <= limit and threads <= 1024, (n, k, elem, threads, smem)
+    assert launch_plan(plan_driver, 576, 56, 4, limit)[2], "N = 576, k = 56 rows should sit in shared memory"
+    assert not launch_plan(plan_driver, 2880, 282, 4, limit)[2]
+    for elem in (4, 8):
+        max_n = 47 * 1024 // elem  # cuda_max_n in csrc/greedy_cuda.h
+        assert launch_plan(plan_driver, max_n, max_n, elem, limit)[1] <= DEFAULT_SMEM
+    assert "cudaFuncAttributeMaxDynamicSharedMemorySize" in (CSRC / "greedy_cuda.cu").read_text()
 
 
 def test_bindings_cuda_branch_compiles_against_torch_headers():

@@ -1,20 +1,20 @@
 """The CUDA greedy kernel's own source (csrc/greedy_kernel.cuh, the file nvcc compiles) run on the
 CPU under a small SIMT emulation (tests/simt/simt.h: one host thread per CUDA thread, barriers for
-__syncthreads and warp shuffles), compared with the float64 reference and the C++ CPU path; then
-once more under ThreadSanitizer (a missing barrier is a data race) and AddressSanitizer + UBSan
-(an out-of-bounds index, including past the dynamic shared memory the launch requests).
+__syncthreads and warp shuffles), with the launch plan the CUDA launcher computes, compared with
+the float64 reference and the C++ CPU path; then once more under ThreadSanitizer (a missing
+barrier is a data race) and AddressSanitizer + UBSan (an out-of-bounds index, including past the
+dynamic shared memory the launch requests). Both kernel-row forms (S, and G = gamma S S^T) and
+both homes of the Cholesky rows (shared memory, global workspace) are covered.
 
 What this proves: the kernel's indexing, barriers and arithmetic, for the block sizes and shared
-memory the launcher would choose. What it does not: anything about real GPU timing, memory
-ordering beyond the barriers, or the nvcc-compiled binary (tests/test_cuda_sources.py checks its
-registers, spills and shared memory). Needs only g++ (C++20); skipped without it, a failure when
-OTPRUNE_REQUIRE_EXT=1.
+memory the launcher chooses. What it does not: anything about GPU timing, memory ordering beyond
+the barriers, or the nvcc-compiled binary (tests/test_cuda_sources.py checks its registers, spills
+and shared memory). Needs only g++ (C++20); skipped without it, a failure when OTPRUNE_REQUIRE_EXT=1.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,15 +23,15 @@ import pytest
 import torch
 
 from helpers import check_exact, features
+from otprune.greedy import gamma_gram
 from otprune.kernel import similarity
-from test_cuda_sources import cuda_include_dir
+from simt_build import CSRC, CXX, build_driver, launch_plan
 
 pytestmark = pytest.mark.simt
 GAMMA = 0.01
-ROOT = Path(__file__).resolve().parent.parent
-SIMT = ROOT / "tests" / "simt"
-CXX = os.environ.get("CXX") or shutil.which("g++")
-# Per build: extra flags, the run timeout (s), and the sanitizer's report marker.
+# Shared memory per block the plan may use: sm_90's and sm_80's opt-in limits, the 48 KiB default.
+SM90, SM80, DEFAULT = 232448, 166912, 49152
+# Per build: extra flags and the run timeout (s); a barrier not reached by every thread hangs.
 BUILDS = {
     "plain": (["-O2"], 120),
     "tsan": (["-O1", "-g", "-fsanitize=thread"], 240),
@@ -43,11 +43,6 @@ SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=1:exitcode=66",
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
-
-
-def kernel_include_dir():
-    """The CUDA toolkit's include directory (for its math_constants.h), else the tests' stand-in."""
-    return cuda_include_dir("math_constants.h") or SIMT / "fallback"
 
 
 @pytest.fixture(scope="session")
@@ -62,40 +57,42 @@ def simt_binary(tmp_path_factory):
 
     def build(name):
         if name not in built:
-            out = folder / f"driver_{name}"
-            cmd = [CXX, "-std=c++20", "-pthread", *BUILDS[name][0], "-include", str(SIMT / "simt.h"),
-                   f"-I{ROOT / 'csrc'}", "-idirafter", str(kernel_include_dir()),
-                   str(SIMT / "driver.cpp"), "-o", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
-            built[name] = out
+            built[name] = folder / f"driver_{name}"
+            build_driver(built[name], BUILDS[name][0])
         return built[name]
 
     return build
 
 
-def run_kernel(binary, s, ks, valid=None, pass_ks=True, timeout=120):
-    """Run the emulated kernel on (B, N, N) ``s``; returns (B, max(ks)) int64 picks."""
-    B, N, _ = s.shape
+def rows_off_chip_limit(binary, n, elem):
+    """A shared-memory limit that holds d2 and the scratch but no Cholesky row (forces global rows)."""
+    _, one_row, _ = launch_plan(binary, n, 2, elem, 1 << 30)
+    return one_row - n * elem
+
+
+def run_kernel(binary, src, ks, valid=None, full=False, smem_limit=SM90, pass_ks=True, timeout=120):
+    """Run the emulated kernel on (B, N, N) ``src`` (S, or G when ``full``); (B, max(ks)) int64 picks."""
+    B, N, _ = src.shape
     k_max = max(ks)
-    head = np.array([s.element_size(), B, N, k_max, int(pass_ks), int(valid is not None)], dtype=np.int64)
-    parts = [head.tobytes(), np.float64(GAMMA).tobytes(), s.contiguous().numpy().tobytes()]
+    head = [src.element_size(), B, N, k_max, int(pass_ks), int(valid is not None), int(full), smem_limit]
+    parts = [np.array(head, dtype=np.int64).tobytes(), np.float64(GAMMA).tobytes(), src.contiguous().numpy().tobytes()]
     if pass_ks:
         parts.append(np.asarray(ks, dtype=np.int64).tobytes())
     if valid is not None:
         parts.append(valid.to(torch.uint8).contiguous().numpy().tobytes())
-    src, dst = Path(str(binary) + f".{os.getpid()}.in"), Path(str(binary) + f".{os.getpid()}.out")
-    src.write_bytes(b"".join(parts))
-    env = {**os.environ, **SANITIZER_ENV}
+    stem = f"{binary}.{os.getpid()}"
+    inp, outp = Path(stem + ".in"), Path(stem + ".out")
+    inp.write_bytes(b"".join(parts))
     try:
-        proc = subprocess.run([str(binary), str(src), str(dst)], capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run([str(binary), str(inp), str(outp)], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **SANITIZER_ENV})
     except subprocess.TimeoutExpired:
         pytest.fail(f"emulated kernel ran past {timeout} s (a barrier not reached by every thread hangs)")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
     assert "WARNING: ThreadSanitizer" not in proc.stderr and "runtime error" not in proc.stderr, proc.stderr[-6000:]
-    picks = torch.from_numpy(np.fromfile(dst, dtype=np.int64)).view(B, k_max)
-    src.unlink()
-    dst.unlink()
+    picks = torch.from_numpy(np.fromfile(outp, dtype=np.int64)).view(B, k_max)
+    inp.unlink()
+    outp.unlink()
     return picks
 
 
@@ -113,69 +110,87 @@ def make_case(B, N, d, seed, dtype, lengths=None, scatter=False):
 
 
 def check_against_reference_and_cpu(x, s, valid, ks, got):
-    """Each row: -1 past k_b, the reference's set (tie-aware), and the CPU path's order where
-    the path has no near-tie."""
+    """Each row: -1 past k_b, no padding token, the reference's set (tie-aware), and the C++ CPU
+    path's greedy order where the path has no near-tie. Returns how many rows had none."""
     import otprune._C as C
 
     want_cpu = C.greedy(s, torch.tensor(ks), GAMMA, valid)
+    exact = 0
     for b, k in enumerate(ks):
         assert (got[b, k:] == -1).all(), got[b]
         row = got[b, :k]
         pos = torch.arange(s.shape[1]) if valid is None else valid[b].nonzero().flatten()
-        assert torch.isin(row, pos).all(), "picked a padding token"
+        assert torch.isin(row, pos).all(), f"picked a padding token: {row.tolist()}"
         local = torch.searchsorted(pos, row.sort().values)
         if check_exact(x[b][pos], local, k, s.dtype):
             assert row.tolist() == want_cpu[b, :k].tolist(), "greedy order differs from the C++ CPU path"
+            exact += 1
+    return exact
 
 
-# (B, N, d, ks, dtype, lengths, scattered mask)
+def run_case(binary, case, seed, timeout):
+    B, N, d, ks, dtype, lengths, scatter, full, rows_home = case
+    x, s, valid = make_case(B, N, d, seed=seed, dtype=dtype, lengths=lengths, scatter=scatter)
+    elem = s.element_size()
+    limit = rows_off_chip_limit(binary, N, elem) if rows_home == "global" else rows_home
+    assert launch_plan(binary, N, max(ks), elem, limit)[2] == (rows_home != "global")
+    ragged = len(set(ks)) > 1
+    src = gamma_gram(s, GAMMA) if full else s
+    got = run_kernel(binary, src, ks, valid, full=full, smem_limit=limit, pass_ks=ragged or B == 1, timeout=timeout)
+    exact = check_against_reference_and_cpu(x, s, valid, ks, got)
+    assert exact >= 1 or N <= 2, "every row had a near-tie: the CPU path's order was never compared"
+
+
+# (B, N, d, ks, dtype, valid lengths, scattered mask, full kernel rows, Cholesky rows: limit or "global")
 PLAIN_CASES = {
-    "n1": (1, 1, 4, [1], torch.float32, None, False),
-    "n37_k_eq_n_and_k1": (3, 37, 6, [37, 1, 5], torch.float32, None, False),
-    "n100_fp64_valid": (2, 100, 12, [9, 3], torch.float64, [100, 61], True),
-    "n577_larger_than_block": (1, 577, 24, [8], torch.float32, None, False),
-    "n577_fp64_ragged": (2, 577, 16, [5, 2], torch.float64, [577, 300], False),
-    "n1100_fp32": (1, 1100, 16, [4], torch.float32, None, False),
+    "n1": (1, 1, 4, [1], torch.float32, None, False, False, SM90),
+    "n37_k_eq_n_and_k1_full": (3, 37, 6, [37, 1, 5], torch.float32, None, False, True, SM90),
+    "n37_k_eq_n_lazy_global_rows": (2, 37, 6, [37, 2], torch.float32, None, False, False, "global"),
+    "n100_fp64_valid_full_global_rows": (2, 100, 12, [9, 3], torch.float64, [100, 61], True, True, "global"),
+    "n577_block_of_608_lazy": (1, 577, 24, [8], torch.float32, None, False, False, DEFAULT),
+    "n577_fp64_ragged_valid_full": (2, 577, 16, [5, 2], torch.float64, [577, 300], False, True, SM80),
+    "n1100_two_items_a_thread_full": (1, 1100, 16, [4], torch.float32, None, False, True, "global"),
 }
 
 
 @pytest.mark.parametrize("case", PLAIN_CASES, ids=str)
 def test_emulated_kernel_matches_reference_and_cpu(simt_binary, case):
-    B, N, d, ks, dtype, lengths, scatter = PLAIN_CASES[case]
-    x, s, valid = make_case(B, N, d, seed=N + d, dtype=dtype, lengths=lengths, scatter=scatter)
-    ragged = len(set(ks)) > 1
-    got = run_kernel(simt_binary("plain"), s, ks, valid, pass_ks=ragged or B == 1)
-    check_against_reference_and_cpu(x, s, valid, ks, got)
+    c = PLAIN_CASES[case]
+    run_case(simt_binary("plain"), c, seed=c[1] + c[2], timeout=BUILDS["plain"][1])
 
 
 SANITIZER_CASES = {  # N in {37, 100, 577}, k <= 10: each block costs seconds under a sanitizer
-    "n37_fp32": (2, 37, 5, [10, 3], torch.float32, None, False),
-    "n100_fp64_valid": (1, 100, 8, [6], torch.float64, [70], True),
-    "n577_fp32": (1, 577, 8, [4], torch.float32, None, False),
+    "n37_full": (2, 37, 5, [10, 3], torch.float32, None, False, True, SM90),
+    "n100_fp64_valid_lazy_global_rows": (1, 100, 8, [6], torch.float64, [70], True, False, "global"),
+    "n577_full": (1, 577, 8, [4], torch.float32, None, False, True, DEFAULT),
 }
 
 
 @pytest.mark.parametrize("build", ["tsan", "asan"])
 @pytest.mark.parametrize("case", SANITIZER_CASES, ids=str)
 def test_emulated_kernel_under_sanitizer(simt_binary, build, case):
-    B, N, d, ks, dtype, lengths, scatter = SANITIZER_CASES[case]
-    x, s, valid = make_case(B, N, d, seed=3 * N + d, dtype=dtype, lengths=lengths, scatter=scatter)
-    got = run_kernel(simt_binary(build), s, ks, valid, timeout=BUILDS[build][1])
-    check_against_reference_and_cpu(x, s, valid, ks, got)
+    c = SANITIZER_CASES[case]
+    run_case(simt_binary(build), c, seed=3 * c[1] + c[2], timeout=BUILDS[build][1])
+
+
+@pytest.mark.parametrize("n", [1, 31, 37, 576, 577, 1024, 1025, 1100, 2880, 6016])
+def test_launch_plan_has_no_tail_pass(simt_binary, n):
+    """Every thread owns ceil(N / threads) items but for less than one warp's worth per pass."""
+    threads, _, _ = launch_plan(simt_binary("plain"), n, 1, 4, SM90)
+    per = -(-n // threads)
+    assert threads % 32 == 0 and 32 <= threads <= 1024
+    assert threads * per - n < 32 * per, (n, threads, per)
+    if n in (576, 2880):
+        assert threads * per == n  # the target sizes: no idle thread at all
 
 
 def test_emulation_catches_a_missing_barrier(simt_binary, tmp_path):
-    """The harness can fail: the kernel with its barriers removed races under ThreadSanitizer."""
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    kernel = (ROOT / "csrc" / "greedy_kernel.cuh").read_text()
-    assert "__syncthreads();" in kernel
+    """The harness can fail: the kernel with its step barrier removed races under ThreadSanitizer."""
+    kernel = (CSRC / "greedy_kernel.cuh").read_text()
+    assert kernel.count("__syncthreads();") == 1
     (tmp_path / "greedy_kernel.cuh").write_text(kernel.replace("__syncthreads();", ";"))
     binary = tmp_path / "driver_racy"
-    cmd = [CXX, "-std=c++20", "-pthread", *BUILDS["tsan"][0], "-include", str(SIMT / "simt.h"), f"-I{tmp_path}",
-           "-idirafter", str(kernel_include_dir()), str(SIMT / "driver.cpp"), "-o", str(binary)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    x, s, valid = make_case(1, 37, 5, seed=1, dtype=torch.float32)
+    build_driver(binary, BUILDS["tsan"][0], kernel_dir=tmp_path)
+    _, s, _ = make_case(1, 37, 5, seed=1, dtype=torch.float32)
     with pytest.raises(AssertionError, match="ThreadSanitizer|exit 66"):
         run_kernel(binary, s, [4], timeout=BUILDS["tsan"][1])

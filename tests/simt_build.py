@@ -1,0 +1,55 @@
+"""Shared by tests/test_simt.py and tests/test_cuda_sources.py: the CUDA toolkit's location and the
+build of the SIMT emulation driver (tests/simt/driver.cpp around csrc/greedy_kernel.cuh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SIMT = ROOT / "tests" / "simt"
+CXX = os.environ.get("CXX") or shutil.which("g++")
+
+
+def find_nvcc() -> Optional[str]:
+    """nvcc from CUDA_HOME, then PATH, then the default toolkit location; None if absent."""
+    candidates = [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+NVCC = find_nvcc()
+
+
+def cuda_include_dir(header: str = "cuda_runtime_api.h") -> Optional[Path]:
+    """The CUDA toolkit's include directory holding ``header`` (CUDA_HOME, CUDA_PATH, nvcc's
+    toolkit, /usr/local/cuda), or None."""
+    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if NVCC:
+        roots += [Path(NVCC).parent.parent, Path(NVCC).resolve().parent.parent]
+    roots.append(Path("/usr/local/cuda"))
+    return next((r / "include" for r in roots if (r / "include" / header).exists()), None)
+
+
+def kernel_include_dir() -> Path:
+    """Where math_constants.h comes from: the CUDA toolkit, else the tests' stand-in."""
+    return cuda_include_dir("math_constants.h") or SIMT / "fallback"
+
+
+def build_driver(out: Path, flags: List[str], kernel_dir: Path = CSRC) -> None:
+    """Compile the emulation driver around ``kernel_dir``/greedy_kernel.cuh into ``out``."""
+    cmd = [CXX, "-std=c++20", "-pthread", *flags, "-include", str(SIMT / "simt.h"), f"-I{kernel_dir}",
+           "-idirafter", str(kernel_include_dir()), str(SIMT / "driver.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+
+
+def launch_plan(driver: Path, n: int, k_max: int, elem: int, smem_limit: int) -> Tuple[int, int, bool]:
+    """(threads, dynamic shared memory bytes, rows on chip) of csrc/greedy_kernel.cuh's greedy_plan."""
+    out = subprocess.run([str(driver), "--plan", str(n), str(k_max), str(elem), str(smem_limit)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    return int(out[0]), int(out[1]), out[2] == "1"
