@@ -38,14 +38,15 @@ _TRITON_JIT = re.compile(r"@triton\.jit\s*\ndef\s+(\w+)\s*\(")
 
 
 def kernel_names(root: Path = ROOT) -> List[str]:
-    """Names of the project's GPU kernels: CUDA __global__ functions in csrc/, and the @triton.jit
-    functions launched with a grid (``name[grid](...)``) in otprune/triton_kernels/."""
+    """Names of the project's GPU kernels: the @triton.jit functions launched with a grid
+    (``name[grid](...)``) in otprune/triton_kernels/, then the CUDA __global__ functions in csrc/
+    (last, so that a sanitizer honouring only its last --kernel-name still checks the CUDA kernel)."""
     names = []
-    for path in sorted((root / "csrc").glob("*.cu*")):
-        names += _CUDA_KERNEL.findall(path.read_text())
     for path in sorted((root / "otprune" / "triton_kernels").glob("*.py")):
         text = path.read_text()
         names += [n for n in _TRITON_JIT.findall(text) if re.search(rf"\b{n}\[[^\]]*\]\(", text)]
+    for path in sorted((root / "csrc").glob("*.cu*")):
+        names += _CUDA_KERNEL.findall(path.read_text())
     return list(dict.fromkeys(names))
 
 
