@@ -43,8 +43,15 @@ OUTPUTS=(gpu_check.log select.csv select.md select.png model.md e2e.csv e2e.md e
 # CUDA and Triton tests; test_host_sync.py holds the CUDA-graph capture of the sync-free path
 GPU_TESTS="tests/test_cuda_ext.py tests/test_triton_kernels.py tests/test_host_sync.py"
 
-sanitizer() {
-    command -v compute-sanitizer 2>/dev/null || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer
+sanitizer() {  # compute-sanitizer on PATH, beside nvcc, under CUDA_HOME or /usr/local/cuda*
+    local c nvcc
+    nvcc=$(command -v nvcc 2>/dev/null || true)
+    for c in "$(command -v compute-sanitizer 2>/dev/null)" "${nvcc:+$(dirname "$nvcc")/compute-sanitizer}" \
+        "${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}" /usr/local/cuda/bin/compute-sanitizer \
+        /usr/local/cuda-*/bin/compute-sanitizer; do
+        if [ -n "$c" ] && [ -x "$c" ]; then echo "$c"; return; fi
+    done
+    echo compute-sanitizer
 }
 
 cmd() {  # the shell command of step $1
