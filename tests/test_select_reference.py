@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import otprune
-from helpers import check_exact, cpu_backends, features, quiet_select
+from helpers import LOGDET_RTOL, check_exact, cpu_backends, features, quiet_select
 from reference import ref_logdet, ref_select
 
 BACKENDS = cpu_backends()
@@ -21,8 +21,9 @@ def test_matches_reference_odd_sizes(backend, n, d, dtype):
         idx = quiet_select(x, k, backend=backend)
         assert idx.dtype == torch.int64 and idx.shape == (k,)
         exact += check_exact(x, idx, k, dtype)
-    if n > 2 and dtype == torch.float64:
-        assert exact, "every case had a near-tie: the comparison above checked only log-dets"
+    # d <= 3: S has rank <= 3, so after 3 picks every residual is 1 up to rounding (near-ties only).
+    if n > 2 and (dtype == torch.float64 or d > 3):
+        assert exact >= (2 if dtype == torch.float64 else 1), "every case had a near-tie on its path"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,5 +150,6 @@ def test_greedy_beats_baselines_on_objective():
     for _ in range(5):
         rnd = torch.randperm(200, generator=g)[:20].sort().values
         assert float(otprune.objective(x, rnd)) < best
+    assert check_exact(x, idx, 20, torch.float32)
     ref, _ = ref_select(x, 20)
-    assert abs(best - ref_logdet(x, ref)) < 1e-4
+    assert abs(best - ref_logdet(x, ref)) <= LOGDET_RTOL[torch.float32] * abs(best)
