@@ -105,8 +105,8 @@ def header() -> List[str]:
         f"{h.smem_bytes // 1024} KB shared memory per block; {h2.name}: HBM {h2.hbm_bw / 1e12:.1f} TB/s, the rest "
         f"the same. Assumed: L2 {h.l2_bw / 1e12:.0f} TB/s over all SMs, {h.sm_bw / 1e9:.0f} GB/s L2/HBM and "
         f"{h.smem_bw / 1e9:.0f} GB/s shared memory per SM, host-to-device copies {h.h2d_bw / 1e9:.0f} GB/s.",
-        f"Latencies: host issue {lat.launch_s * 1e6:.0f} us per framework op, host sync {lat.host_sync_s * 1e6:.0f} us, "
-        f"{lat.kernel_s * 1e6:.0f} us per kernel, dependent greedy step {lat.block_step_s * 1e6:.1f} us in one "
+        f"Latencies: host issue {lat.launch_s * 1e6:.0f} us per framework op, "
+        f"host sync {lat.host_sync_s * 1e6:.0f} us, {lat.kernel_s * 1e6:.0f} us per kernel, dependent greedy step {lat.block_step_s * 1e6:.1f} us in one "
         f"block / {lat.cluster_step_s * 1e6:.1f} us across a cluster, dependent memory round trip "
         f"{lat.round_trip_s * 1e6:.1f} us (reasons: otprune/cost_model.py).",
         "Bound = max(host issue, device time) + host syncs x sync cost; a phase's device time = "
@@ -126,9 +126,9 @@ def measured_table(path: str) -> str:
             continue
         shape = cm.Shape(int(r["B"]), int(r["N"]), int(r["d"]), int(r["k"]), r["dtype"])
         est = cm.estimate(name, shape, cm.gpu_for(r["device"]))
-        meas = float(r["p50_ms"]) * 1e3
+        meas, model = float(r["p50_ms"]) * 1e3, est.seconds * 1e6
         rows.append({"device": r["device"], "name": name, "B": r["B"], "N": r["N"], "d": r["d"], "k": r["k"],
-                     "dtype": r["dtype"], "model": est.seconds * 1e6, "meas": meas, "ratio": meas / (est.seconds * 1e6)})
+                     "dtype": r["dtype"], "model": model, "meas": meas, "ratio": meas / model})
     if not rows:
         return f"No GPU rows of modelled backends in {path}."
     return common.markdown_table(rows, ["device", "name", "B", "N", "d", "k", "dtype", "model", "meas", "ratio"],

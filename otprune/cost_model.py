@@ -226,8 +226,9 @@ def _similarity_torch(shape: Shape) -> Phase:
 
 def _similarity_triton(shape: Shape) -> Phase:
     """otprune.triton_kernels.similarity: column sums of squares, ~12 small torch ops on (B, d)
-    scales (fp16: the hi/lo exponents), one 64 x 64-tile GEMM over the upper block triangle; fp16 input: two fp16 tensor-core
-    products (hi + lo split), other dtypes: fp32 (ieee) products."""
+    scales (fp16: the hi/lo exponents), one 64 x 64-tile GEMM over the upper block triangle (no
+    split-K: its tiles bound the SMs it uses); fp16 input: two fp16 tensor-core products (hi + lo
+    split), other dtypes: fp32 (ieee) products."""
     B, N, d = shape.B, shape.N, shape.d
     tiles, share = _tiles(N, 64, triangle=True)
     fp16 = shape.dtype == "float16"
