@@ -12,7 +12,8 @@ ranked by :mod:`otprune.cost_model` for the call's (B, N, d, k, dtype) on the de
 so that auto never prefers a backend the model rates slower than another usable one. A measured
 table replaces the model's ranking: point the environment variable ``OTPRUNE_MEASURED`` at the
 select CSV of a GPU run (``python -m bench select``); a shape that every candidate backend has a row
-for on this device (same name, B, N, d, k, dtype) is ranked by the measured p50 instead.
+for on this device (same name, B, N, d, k, dtype) is ranked by the measured p50 instead. Rankings
+are cached per process: set the variable before the first selection.
 """
 
 from __future__ import annotations
