@@ -38,9 +38,10 @@
 // thread-block cluster (16 SMs, each holding N/16 columns of the Cholesky rows in distributed
 // shared memory, 203 KB per SM at N = 2880, k = 282; cluster barrier per step) would cut that term
 // to ~0.11 ms and leave ~0.28-0.42 ms of steps, and a tensor-core GEMM with an fp32-accurate split
-// would be needed to bring the GEMM under ~0.2 ms. It is not written because the SIMT emulation
-// that proves this kernel on the CPU does not model clusters (concurrent blocks, cluster barriers,
-// distributed shared memory) yet, and unproven GPU code is not shipped here.
+// would be needed to bring the GEMM under ~0.2 ms. Neither is written yet: a cluster kernel first
+// needs the SIMT emulation that proves this kernel on the CPU extended to clusters (blocks of one
+// cluster running concurrently, the cluster barrier, distributed shared memory), which it does not
+// model today, and GPU code that nothing has executed is not shipped here.
 #include "greedy_cuda.h"
 
 #include <climits>
