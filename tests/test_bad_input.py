@@ -124,6 +124,7 @@ def test_zero_token_with_token_normalisation(backend):
     x[4] = 0
     idx = quiet_select(x, 6, normalize="token", backend=backend)
     _assert_valid(idx, 30, 6)
+    assert check_exact(x, idx, 6, torch.float32, normalize="token")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
