@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("llava.model.language_model.llava_llama", reason="needs the llava package (llava-torch)")
 
 import otprune  # noqa: E402
+from helpers import ROUTE_CASES, check_route_report  # noqa: E402
 from otprune.autopatch import Settings, patch_llava, settings_from_env, unpatch_llava  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,61 @@ def test_otprune_variables_layer_inside_language_model():
     assert rep["lm"] == [t + 2 * N for t in TEXT]  # layer 0 sees every token
     assert rep["layer1"] == max(TEXT) + 2 * 8  # equal drops per row: the kept tokens only
     assert rep["steps"] == 3
+
+
+SETTINGS_SCRIPT = r"""
+import json, os, sys, tempfile
+with open(sys.argv[1]) as f:
+    exec(f.read())  # what site.py does with the .pth's line (OTPRUNE_KEEP is set: the route is on)
+sys.path.insert(0, sys.argv[2])
+import torch
+import otprune, otprune.api
+from llava.model.builder import load_pretrained_model  # noqa: F401  (lmms-eval's import)
+from llava_tiny import prompt_ids, row_ids, tiny_images, tiny_llava15
+calls = []
+real = otprune.api.select
+def spy(x, keep, **kw):  # every batched select of the integration: its settings and its picks
+    out = real(x, keep, **kw)
+    if x.ndim == 3:
+        calls.append({"kwargs": {k: v for k, v in kw.items() if k != "lengths"}, "picks": out.tolist()})
+    return out
+otprune.api.select = spy
+def run(model):
+    calls.clear()
+    images, sizes = tiny_images(model, 4)
+    ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
+    out = model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=3,
+                         do_sample=False, return_dict_in_generate=True, output_scores=True)
+    return list(calls), out
+report = []
+for env, kwargs in json.loads(sys.argv[3]):
+    os.environ.update(env)  # the route reads the variables when a model is constructed
+    model = tiny_llava15(tempfile.mkdtemp())
+    for name in env:
+        del os.environ[name]
+    route_calls, route_out = run(model)
+    otprune.revert(model)
+    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]), **kwargs)
+    api_calls, api_out = run(model)
+    otprune.revert(model)
+    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]))
+    default_calls, _ = run(model)
+    report.append({
+        "route": route_calls, "api": api_calls, "default": default_calls,
+        "same_output": torch.equal(route_out.sequences, api_out.sequences)
+        and all(torch.equal(a, b) for a, b in zip(route_out.scores, api_out.scores)),
+    })
+print("REPORT " + json.dumps(report))
+"""
+
+def test_route_settings_equal_apply_settings():
+    """Non-default gamma, normalisation, backend and compat="official" through the variables."""
+    env = _clean_env(OTPRUNE_KEEP="0.25")
+    proc = subprocess.run([sys.executable, "-c", SETTINGS_SCRIPT, PTH, os.path.join(ROOT, "tests"),
+                           json.dumps(ROUTE_CASES)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")][-1]
+    check_route_report(json.loads(line[len("REPORT "):]), ROUTE_CASES)
 
 
 def test_settings_from_env():
