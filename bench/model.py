@@ -96,6 +96,25 @@ def auto_line(shape: cm.Shape) -> str:
     return "auto picks (all GPU backends usable; by the model): " + ", ".join(picks)
 
 
+def _time(t: float) -> str:
+    return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.1f} ms"
+
+
+def summary_table() -> str:
+    """The README's table: bound per GPU backend, the design that meets the targets and the public
+    loop, on H100 / H200, and auto's pick, for every target configuration."""
+    best = "cuda-cluster-split-fp16-rows"
+    names = list(cm.GPU_BACKENDS) + [best, "official"]
+    heads = ([f"`{n}` H100 / H200" for n in cm.GPU_BACKENDS] + [f"{best} (design) H100 / H200",
+             "public loop H100 / H200", "auto picks (H100)"])
+    lines = ["| B | N | k | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(heads)]
+    for sh in shapes():
+        cells = [" / ".join(_time(cm.estimate(n, sh, g).seconds) for g in cm.GPUS) for n in names]
+        pick = cm.rank(list(cm.GPU_BACKENDS), sh, cm.H100.name, measured={})[0]
+        lines.append(f"| {sh.B} | {sh.N} | {sh.k} | " + " | ".join(cells) + f" | `{pick}` |")
+    return "\n".join(lines)
+
+
 def header() -> List[str]:
     h, h2, lat = cm.H100, cm.H200, cm.LATENCY
     return [
@@ -137,7 +156,7 @@ def measured_table(path: str) -> str:
 
 
 def report(measured: Optional[str] = None) -> str:
-    lines = header()
+    lines = header() + ["## Summary (whole select call, modelled)", "", summary_table(), ""]
     misses: Dict[str, List[str]] = {}
     for shape in shapes():
         key = (shape.B, shape.N)
