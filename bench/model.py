@@ -86,7 +86,7 @@ def phase_lines(shape: cm.Shape) -> List[str]:
     for name in cm.GPU_BACKENDS:
         est = cm.estimate(name, shape, cm.H100)
         parts = " | ".join(f"{p.name.split(' (')[0]} {p.device_s(cm.H100) * 1e6:.0f}" for p in est.phases)
-        out.append(f"- {name} on H100, device us: {parts}; host issue {est.host_s * 1e6:.0f} us, "
+        out.append(f"- {name} on H100, device us: {parts}; host issue time {est.host_s * 1e6:.0f} us, "
                    f"host syncs {est.host_syncs}")
     return out
 
@@ -124,7 +124,7 @@ def header() -> List[str]:
         f"{h.smem_bytes // 1024} KB shared memory per block; {h2.name}: HBM {h2.hbm_bw / 1e12:.1f} TB/s, the rest "
         f"the same. Assumed: L2 {h.l2_bw / 1e12:.0f} TB/s over all SMs, {h.sm_bw / 1e9:.0f} GB/s L2/HBM and "
         f"{h.smem_bw / 1e9:.0f} GB/s shared memory per SM, host-to-device copies {h.h2d_bw / 1e9:.0f} GB/s.",
-        f"Latencies: host issue {lat.launch_s * 1e6:.0f} us per framework op, "
+        f"Latencies: host issue time {lat.launch_s * 1e6:.0f} us per framework op, "
         f"host sync {lat.host_sync_s * 1e6:.0f} us, {lat.kernel_s * 1e6:.0f} us per kernel, dependent greedy step {lat.block_step_s * 1e6:.1f} us in one "
         f"block / {lat.cluster_step_s * 1e6:.1f} us across a cluster, dependent memory round trip "
         f"{lat.round_trip_s * 1e6:.1f} us (reasons: otprune/cost_model.py).",

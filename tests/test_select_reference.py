@@ -1,4 +1,4 @@
-"""Every CPU-usable backend against the float64 reference (DESIGN.md sections 2 and 6)."""
+"""Every CPU-usable backend against the float64 reference (docs/design.md, Selection and Verification)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Backend registry and dispatch.
 
-Every backend implements the same two stages (DESIGN.md section 4):
+Every backend implements the same two stages (docs/design.md, Backends):
   similarity(x, normalize, valid) -> S     x: (B, N, d) float; S: (B, N, N) float32/float64
   greedy(s, ks, gamma, valid)     -> picks (B, max(ks)) int64, greedy order, -1 past k_b
 plus ``usable(device) -> (bool, reason)``. Adding a backend means adding one module here and one
