@@ -16,6 +16,7 @@ pytest.importorskip("matplotlib")
 
 from bench import common, official, quality  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
+from helpers import check_exact, features  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +97,82 @@ def test_quality_quick(tmp_path):
         ld = {r["method"]: float(r["logdet"]) for r in rows if r["features"] == fam}
         assert ld["otprune-exact"] > ld["random"] and ld["otprune-exact"] > ld["divprune"]
     assert "otprune-official" in md
+
+
+def test_select_providers_return_the_reference_indices():
+    """What the select benchmark times is the selection: every otprune provider keeps, per image,
+    the reference provider's (otprune-torch) indices, which are the float64 greedy's set (a
+    provider may part from it only at a near-tie, where the step-by-step check allows it);
+    "official" keeps what otprune's compat="official" keeps, in the same order."""
+    from bench import select as select_bench
+
+    provs = select_bench.providers(torch.device("cpu"))
+    assert "official" in provs and "otprune-torch" in provs
+    x = features(576, 1024, 17, b=2)
+    k = round(0.098 * 576)
+    want = provs["otprune-torch"](x, 0.098)
+    assert want.shape == (2, k)
+    for b in range(2):
+        assert check_exact(x[b], want[b], k, torch.float32)
+    for name, fn in provs.items():
+        got = fn(x, 0.098)
+        if name == "official":
+            assert [t.tolist() for t in got] == otprune.select(x, 0.098, compat="official").tolist()
+        else:
+            assert got.shape == want.shape, name
+            for b in range(2):
+                if not torch.equal(got[b], want[b]):
+                    check_exact(x[b], got[b], k, torch.float32)
+            # image 1: smallest gap 7e-7, above every float32 divergence measured at this size
+            assert torch.equal(got[1], want[1]), name
+
+
+def test_quality_selections_content():
+    """Each quality method's indices are what its definition says (not merely k of them)."""
+    x16 = quality.clustered_features(1, n=300, d=48).half()
+    sel = quality.selections("clustered", x16, 0.1, seed=4)
+    k = 30
+    assert set(sel) == set(quality.METHODS)
+    for idx in sel.values():
+        assert idx.dtype == torch.int64 and idx.tolist() == sorted(set(idx.tolist())) and len(idx) == k
+    assert check_exact(x16.float(), sel["otprune-exact"], k, torch.float32)
+    assert sel["otprune-official"].tolist() == sorted(official.official_select(x16, 0.1).tolist())
+    assert sel["divprune"].tolist() == quality.divprune(x16, k).tolist()
+    assert sel["uniform-grid"].tolist() == np.linspace(0, 299, k).round().astype(int).tolist()
+    want_random = torch.randperm(300, generator=torch.Generator().manual_seed(4))[:k].sort().values
+    assert sel["random"].tolist() == want_random.tolist()
+    ld = {m: float(otprune.objective(x16.double(), idx)) for m, idx in sel.items()}
+    assert ld["otprune-exact"] >= ld["random"]
+
+
+def test_e2e_keep_tokens_content():
+    """The e2e benchmark feeds the language model the tokens each method keeps."""
+    from bench import e2e
+
+    feats = features(96, 32, 5, b=2)
+    assert torch.equal(e2e.keep_tokens(feats, "unpruned", 0.25), feats)
+    got = e2e.keep_tokens(feats, "otprune", 0.25)
+    off = e2e.keep_tokens(feats, "official", 0.25)
+    idx = otprune.select(feats, 0.25)
+    for b in range(2):
+        assert check_exact(feats[b], idx[b], 24, torch.float32)
+        assert torch.equal(got[b], feats[b, idx[b]])
+        assert torch.equal(off[b], feats[b, official.official_select(feats[b], 0.25)])
+
+
+def test_exact_vs_official_compare_content():
+    """compare() reports the overlap and log-dets of the two modes' actual picks."""
+    from bench import exact_vs_official as evo
+
+    x = evo.synthetic_projected_tokens(0, n=200, d=256)
+    row = evo.compare(x, 0.1)
+    exact = otprune.select(x, 0.1)
+    assert check_exact(x.float(), exact, 20, torch.float32)
+    off = official.official_select(x, 0.1)
+    assert row["k"] == 20
+    assert row["shared"] == len(set(exact.tolist()) & set(off.tolist()))
+    assert row["logdet_exact"] == pytest.approx(float(otprune.objective(x.double(), exact)), rel=1e-12)
+    assert row["logdet_official"] == pytest.approx(float(otprune.objective(x.double(), off.sort().values)), rel=1e-12)
 
 
 def test_exact_vs_official_subcommand(tmp_path):
