@@ -10,8 +10,8 @@ Two places change, nothing else:
   embeddings (ascending; the release's order with compat="official").
 The choice depends on the image alone (no text), so vLLM's encoder cache and prefix caching stay
 valid. Precomputed ``image_embeds`` inputs pass through unpruned (their count is their length).
-The settings are read from the environment, so a class left registered with the variables unset
-behaves exactly as vLLM's own.
+The settings are read from the environment when vLLM builds the processor and the model, so a class
+left registered after the variables are unset behaves exactly as vLLM's own.
 """
 
 from __future__ import annotations
@@ -62,11 +62,16 @@ def _refuse_pixtral() -> None:
 
 
 class _PrunedCounts:
-    """Processing-info mixin: k = round(r * N) placeholders per image while pruning is on."""
+    """Processing-info mixin: k = round(r * N) placeholders per image while pruning is on (the
+    settings of the environment when vLLM builds its processor, i.e. at engine construction)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.otprune_settings = settings_from_env()
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        s = settings_from_env()
+        s = self.otprune_settings
         return n if s is None else budget(s.keep, n)
 
 
