@@ -16,15 +16,36 @@ $(VENV)/.installed: requirements-test.txt setup.py $(wildcard csrc/*)
 demo: $(VENV)/.installed
 	$(VENV)/bin/otprune demo --out otprune_demo.png
 
-# OTPRUNE_REQUIRE_EXT=1: a missing compiled extension fails its tests instead of skipping them.
+# OTPRUNE_REQUIRE_EXT=1: a missing compiled extension (or nvcc) fails its tests instead of skipping
+# them; OTPRUNE_REQUIRE_DEPS=1: so does a missing test dependency (llava-torch, triton, ...).
 test: $(VENV)/.installed
-	OTPRUNE_REQUIRE_EXT=1 $(PY) -m pytest -q -rs
+	OTPRUNE_REQUIRE_EXT=1 OTPRUNE_REQUIRE_DEPS=1 $(PY) -m pytest -q -rs
 
 info: $(VENV)/.installed
 	$(VENV)/bin/otprune info
 
 clean:
-	rm -rf $(VENV) build *.egg-info otprune/_C*.so otprune_demo.png
+	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info otprune/_C*.so otprune_demo.png
+
+# Real clients, each in its own environment (CI runs this after `make test`): lmms-eval 0.7.3 running
+# the release's evaluation command on tiny checkpoints, the built wheel in a clean venv, then the vLLM
+# plugin's tests. lmms-eval is installed in one command with torch and transformers pinned (see
+# requirements-clients.txt); its torchvision is a CUDA build that cannot import next to the CPU torch.
+CLIENTS_VENV ?= .venv-clients
+
+$(CLIENTS_VENV)/.installed: requirements-clients.txt setup.py
+	rm -rf $(CLIENTS_VENV)
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q -r requirements-clients.txt
+	$(CLIENTS_VENV)/bin/python -m pip uninstall -q -y torchvision
+	$(CLIENTS_VENV)/bin/python -m pip install -q --no-deps llava-torch==1.2.2.post1
+	OTPRUNE_SKIP_EXT=1 $(CLIENTS_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+.PHONY: test-clients
+test-clients: $(CLIENTS_VENV)/.installed
+	$(CLIENTS_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests_clients
+	$(MAKE) test-vllm
 
 # The vLLM plugin's tests, in their own environment: vLLM's CPU build (it brings its own CPU torch
 # and transformers; ~3.5 GB), otprune on top without dependencies or extension, and a test-only
