@@ -15,9 +15,7 @@ from otprune.kernel import similarity as torch_similarity
 from helpers import LOGDET_RTOL, NEAR_TIE, check_exact, features, quiet_select
 from reference import ref_greedy
 
-from helpers import require_module
-
-require_module("triton", "triton")
+pytest.importorskip("triton", reason="triton is not installed")
 from otprune import triton_kernels as tk  # noqa: E402  (installed with otprune; an ImportError is an install bug)
 
 DEV = "cpu" if tk.interpreting() else "cuda"
