@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 import warnings
 from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
 import torch
+
+import pytest
 
 from otprune import backends
 from reference import GAMMA, GreedyState, Kernel, relative_gaps
@@ -30,6 +34,17 @@ LOGDET_RTOL = {torch.float64: 1e-9, torch.float32: 1e-6}
 # Path searches give up after this many greedy steps (only near-ties branch).
 _SEARCH_BUDGET = 20_000
 _KERNELS: "OrderedDict[tuple, Kernel]" = OrderedDict()
+
+
+def require_module(name: str, what: str):
+    """Import ``name`` for a test module: skip the module when it is missing, or fail it when
+    OTPRUNE_REQUIRE_DEPS=1 (`make test`, CI), where every test dependency must be installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if os.environ.get("OTPRUNE_REQUIRE_DEPS") == "1":
+            pytest.fail(f"OTPRUNE_REQUIRE_DEPS=1 but {what} cannot be imported: {err}", pytrace=False)
+        pytest.skip(f"needs {what}: {err}", allow_module_level=True)
 
 
 def cpu_backends(small_only: bool = False) -> List[str]:

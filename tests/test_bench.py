@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import otprune
+from helpers import check_exact, features, require_module
 
-pytest.importorskip("matplotlib")
+require_module("matplotlib", "matplotlib")
 
 from bench import common, official, quality  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
-from helpers import check_exact, features  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +66,7 @@ def test_select_quick(tmp_path):
 
 
 def test_e2e_quick(tmp_path):
-    pytest.importorskip("transformers")
+    require_module("transformers", "transformers")
     assert bench_main(["e2e", "--quick", "--out", str(tmp_path)]) == 0
     rows, md = _outputs(tmp_path, "e2e_quick")
     assert {(r["model"], r["method"]) for r in rows} == {
@@ -85,8 +85,8 @@ def test_e2e_quick(tmp_path):
 
 
 def test_quality_quick(tmp_path):
-    pytest.importorskip("ot")
-    pytest.importorskip("skimage")
+    require_module("ot", "POT")
+    require_module("skimage", "scikit-image")
     assert bench_main(["quality", "--quick", "--out", str(tmp_path)]) == 0
     rows, md = _outputs(tmp_path, "quality_quick")
     assert {r["method"] for r in rows} == set(quality.METHODS)
@@ -176,7 +176,7 @@ def test_exact_vs_official_compare_content():
 
 
 def test_exact_vs_official_subcommand(tmp_path):
-    pytest.importorskip("skimage")
+    require_module("skimage", "scikit-image")
     assert bench_main(["exact-vs-official", "--quick", "--out", str(tmp_path)]) == 0
     rows, _ = (list(csv.DictReader(open(tmp_path / "exact_vs_official.csv"))), None)
     assert len(rows) == 4 and all(0 < int(r["shared"]) <= int(r["k"]) for r in rows)
@@ -199,7 +199,7 @@ def test_official_transcription_matches_compat_mode(dtype):
 
 
 def test_w2_and_ot_sanity():
-    pytest.importorskip("ot")
+    require_module("ot", "POT")
     x = quality.unit_rows(quality.clustered_features(0, n=120, d=16))
     fit = quality.full_fit(x)
     everything = np.arange(x.shape[0])

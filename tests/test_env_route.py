@@ -13,10 +13,11 @@ from importlib import metadata
 
 import pytest
 
-pytest.importorskip("llava.model.language_model.llava_llama", reason="needs the llava package (llava-torch)")
+from helpers import ROUTE_CASES, check_route_report, require_module  # noqa: E402
+
+require_module("llava.model.language_model.llava_llama", "the llava package (llava-torch)")
 
 import otprune  # noqa: E402
-from helpers import ROUTE_CASES, check_route_report  # noqa: E402
 from otprune.autopatch import Settings, patch_llava, settings_from_env, unpatch_llava  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,7 +312,7 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
 def test_accelerate_multi_process_launch(tmp_path):
     """The release's launcher with two processes (its multi-process path, torchrun underneath; on a
     CPU-only machine each process runs on the CPU): the installed .pth prunes in each of them."""
-    pytest.importorskip("accelerate")
+    require_module("accelerate", "accelerate")
     try:
         installed = metadata.distribution("otprune").locate_file("otprune_autopatch.pth")
     except metadata.PackageNotFoundError:

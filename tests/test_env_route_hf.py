@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("transformers")
+from helpers import ROUTE_CASES, check_route_report, require_module  # noqa: E402
 
-from helpers import ROUTE_CASES, check_route_report  # noqa: E402
+require_module("transformers", "transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(ROOT, "otprune_autopatch.pth")

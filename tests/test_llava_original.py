@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-pytest.importorskip("llava.model.language_model.llava_llama", reason="needs the llava package (llava-torch)")
+from helpers import require_module  # noqa: E402
+
+require_module("llava.model.language_model.llava_llama", "the llava package (llava-torch)")
 
 import otprune  # noqa: E402
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402

@@ -5,6 +5,8 @@ TRITON_INTERPRET=1); with a GPU and no interpreter they run on CUDA tensors. Sha
 the interpreter costs milliseconds per program per loop step.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -15,7 +17,9 @@ from otprune.kernel import similarity as torch_similarity
 from helpers import LOGDET_RTOL, NEAR_TIE, check_exact, features, quiet_select
 from reference import ref_greedy
 
-pytest.importorskip("triton", reason="triton is not installed")
+from helpers import require_module
+
+require_module("triton", "triton")
 from otprune import triton_kernels as tk  # noqa: E402  (installed with otprune; an ImportError is an install bug)
 
 DEV = "cpu" if tk.interpreting() else "cuda"
@@ -148,10 +152,27 @@ def test_greedy_ragged_and_batch_equal_per_item(strategy):
         assert picks[b, :k].tolist() == alone[0].tolist()
 
 
-def test_greedy_strategy_by_size():
-    assert tk.choose_strategy(1, 576) == "full"
-    assert tk.choose_strategy(16, 2880) == "full"  # 0.5 GiB of L
-    assert tk.choose_strategy(64, 2880) == "lazy"  # 2.1 GiB of L
+@pytest.mark.parametrize("strategy", ["full", "lazy"])
+def test_greedy_column_chunks_give_the_same_picks(strategy, monkeypatch):
+    """Beyond MAX_BLOCK_N columns (1024) a step loops over column chunks with the residuals in a
+    scratch; forced here with 8-column chunks: the same picks, ties still to the lowest index."""
+    greedy_mod = sys.modules[tk.greedy.__module__]
+    valid = torch.arange(21).unsqueeze(0) < torch.tensor([[21], [17]])
+    s = tk.similarity(features(21, 12, 9, b=2).to(DEV), "feature", valid.to(DEV))
+    ties = tk.similarity(torch.ones(1, 20, 4).to(DEV))
+    want = tk.greedy(s, [4, 17], 0.01, valid.to(DEV), strategy=strategy)
+    monkeypatch.setattr(greedy_mod, "MAX_BLOCK_N", 8)
+    assert torch.equal(tk.greedy(s, [4, 17], 0.01, valid.to(DEV), strategy=strategy), want)
+    assert tk.greedy(ties, [11], 0.01, strategy=strategy)[0].tolist() == list(range(11))
+
+
+def test_greedy_strategy_by_cost_and_size():
+    assert tk.choose_strategy(1, 576, 56) == "full"  # a 3 us GEMM against 72 MB through one SM
+    assert tk.choose_strategy(132, 576, 56) == "full"
+    assert tk.choose_strategy(16, 2880, 282) == "full"  # 0.5 GiB of L
+    assert tk.choose_strategy(64, 2880, 282) == "lazy"  # 2.1 GiB of L: does not fit
+    assert tk.choose_strategy(1, 576, 1) == "lazy"  # no step after the first pick: no row needed
+    assert tk.choose_strategy(132, 576, 10) == "lazy"  # a full GPU of images, few picks each
 
 
 def test_bad_arguments():
