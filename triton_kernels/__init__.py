@@ -1,14 +1,16 @@
-"""Triton kernels for OTPrune selection (DESIGN.md sections 2 and 4).
+"""Triton kernels for OTPrune selection (docs/design.md: the similarity, the greedy, the backends).
 
 - :func:`similarity`: fused normalisation + similarity GEMM, S (B, N, N) float32.
 - :func:`kernel_rows` / :func:`kernel_matrix`: rows L[j, :] = e_j + gamma (S S^T)[j, :] of the
   kernel for chosen j, or the whole L with the identity fused into the GEMM epilogue.
 - :func:`greedy`: the whole k-step incremental-Cholesky greedy in one persistent launch
   (one program per image), reading rows of the whole L or forming them lazily from S
-  (:func:`choose_strategy` picks by size; see :mod:`.greedy`).
+  (:func:`choose_strategy` picks by a cost model; see :mod:`.greedy`).
 
 Every kernel runs in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set before
-import; that is how they are tested here. On a GPU they are untested.
+import; that is how their results are tested here. bench/triton_target.py compiles each one for
+sm_80 and sm_90 without a GPU and checks registers, stack / spills and shared memory. Results and
+speed on a GPU are untested on GPU.
 """
 
 if __name__ == "triton_kernels":

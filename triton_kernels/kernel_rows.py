@@ -1,6 +1,6 @@
 """Rows of the DPP kernel L = I + gamma * S S^T from the similarity S, batched, float32.
 
-Two ways to get the rows the greedy needs (issue 3.1b):
+Two ways to get the rows the greedy needs:
 
 - :func:`kernel_matrix`: the whole L (B, N, N) in one tiled GEMM of S S^T (exact fp32 products,
   ``input_precision="ieee"``), with gamma and the identity fused into the epilogue. Only the upper
@@ -12,13 +12,21 @@ Two ways to get the rows the greedy needs (issue 3.1b):
   S per image and no extra memory. The greedy kernel (:mod:`.greedy`) can also form these rows
   itself inside its persistent loop (``strategy="lazy"``), which is this same product.
 
-Which is chosen is decided by size in :func:`.greedy.greedy` (whole L while B N^2 floats fit a
-memory budget, lazy rows beyond). Rough GPU estimates behind that rule (not measured): at N = 576,
-k = 56 the whole-L GEMM is ~0.4 GFLOP, a few microseconds over all SMs, while one program
-streaming N^2 floats of S per step for 56 steps reads ~74 MB through one SM; at N = 2880, k = 282
-the GEMM is ~48 GFLOP (about a millisecond in ieee fp32) against ~9 GB of per-step reads. The
-N = 576 / N = 2880 GPU timing comparison of the two strategies could not be measured here (no GPU);
-both are tested for identical results under the Triton interpreter.
+Which one the greedy uses is decided by its cost model (:func:`.greedy.choose_strategy`).
+
+Tiles of :func:`kernel_matrix`: 64x64 outputs, GEMM_WARPS = 4 warps, K depth 8 (fp32 operands;
+deeper tiles spill under ptxas: the compile gate, bench/triton_target.py, holds it spill-free).
+
+Cost bound per image (d does not enter; H100: 3.35 TB/s HBM, 67 TFLOP/s fp32, 50 MB L2; H200:
+4.8 TB/s HBM):
+- kernel_matrix: 2 N^3 FLOPs over the upper block triangle in fp32 ieee (SIMT FMA), S read and L
+  written (2 N^2 x 4 bytes), one launch, no dependent steps. N = 576: 0.21 GFLOP = 3.2 us, 2.7 MB
+  (0.8 us H100, 0.6 us H200): ~3 us. N = 2880: 24 GFLOP = 0.36 ms, 66 MB (20 us / 14 us):
+  compute-bound, ~0.36 ms (both GPUs).
+- kernel_rows for M = k rows: M N^2 x 4 bytes of S (L2-resident up to N ~ 3500) and 2 M N^2
+  FLOPs. N = 576, k = 56: 74 MB, 37 MFLOP: 22 us at HBM rate (H100), less from L2. N = 2880,
+  k = 282: 9.4 GB, 4.7 GFLOP: 2.8 ms (H100), 1.9 ms (H200).
+Untested on GPU (speed and results); tested under the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._env import GEMM_WARPS, gemm_block_k
 
 
 @triton.jit
@@ -100,7 +110,8 @@ def kernel_matrix(s: torch.Tensor, gamma: float) -> torch.Tensor:
     out = torch.empty_like(s)
     block = 64
     t = triton.cdiv(N, block)
-    _kernel_matrix_kernel[(B, t, t)](s, out, N, float(gamma), BLOCK=block, BLOCK_K=32, num_warps=4)
+    _kernel_matrix_kernel[(B, t, t)](s, out, N, float(gamma), BLOCK=block, BLOCK_K=gemm_block_k(fp16=False),
+                                     num_warps=GEMM_WARPS)
     return out
 
 
