@@ -3,7 +3,7 @@
 Standard library only, so that the ``.pth`` costs nothing measurable: it runs only when
 ``BASELINE=OURS`` or ``OTPRUNE_KEEP`` is set, and then merely puts a finder on ``sys.meta_path``.
 When one of the model modules in :data:`TARGETS` is imported later (the original LLaVA codebase's
-``llava.model.llava_arch``, transformers' LLaVA / LLaVA-NeXT modelling files), the finder lets it
+``llava.model.llava_arch``, transformers' LLaVA / LLaVA-NeXT / Qwen-VL modelling files), the finder lets it
 load normally and then calls :func:`otprune.autopatch.patch_module` on it (see that module for the
 variables and their meaning). Each process of a multi-process launch runs its own ``.pth``.
 """
@@ -15,6 +15,9 @@ TARGETS = (
     "llava.model.llava_arch",
     "transformers.models.llava.modeling_llava",
     "transformers.models.llava_next.modeling_llava_next",
+    "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl",
 )
 
 

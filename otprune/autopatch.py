@@ -7,7 +7,8 @@ LLaVA's ``llava.model.llava_arch`` is imported, :func:`patch_llava` makes every 
 instance it constructs (``from_pretrained`` included); when transformers' LLaVA / LLaVA-NeXT
 modelling module is imported, :func:`patch_hf` does the same for ``LlavaForConditionalGeneration``
 and ``LlavaNextForConditionalGeneration`` (and subclasses that do not define their own
-``__init__``). With neither variable set nothing is imported or patched.
+``__init__``); likewise for transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL generation classes
+(e.g. lmms-eval's Qwen wrappers). With neither variable set nothing is imported or patched.
 
 The public release's variables:
   BASELINE=OURS        turns the route on (other values: off)
@@ -79,7 +80,13 @@ def settings_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[S
     return Settings(keep, layer, kwargs)
 
 
-HF_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+HF_CLASSES = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+)
 
 
 def patch_module(module: Any) -> None:
@@ -91,7 +98,7 @@ def patch_module(module: Any) -> None:
 
 
 def patch_hf(module: Any) -> None:
-    """Make transformers' LLaVA / LLaVA-NeXT generation classes in ``module`` apply the
+    """Make transformers' LLaVA / LLaVA-NeXT / Qwen-VL generation classes in ``module`` apply the
     environment's settings at construction (idempotent)."""
     for name in HF_CLASSES:
         if hasattr(module, name):

@@ -1,7 +1,8 @@
 """Tiny random-initialised transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL models with a local processor.
 
 No downloads: vision tower, language model, tokenizer (WordLevel holding the vision special tokens)
-and ``Qwen2VLImageProcessor`` are built from configs here. Shared by the tests and the benchmarks.
+and ``Qwen2VLImageProcessor`` are built from configs here; ``QwenImageProcessor`` (the image-only
+processor of ``otprune run``) expands the image markers. Shared by the tests and the benchmarks.
 
     model, processor = tiny_qwen("qwen2_5_vl", seed)   # also "qwen2_vl", "qwen3_vl"
     inputs = tiny_qwen_inputs(processor, n_images=(2, 1))   # left-padded batch, images per prompt
@@ -16,6 +17,7 @@ from typing import Sequence, Tuple
 import torch
 
 from hf_tiny import _image_processor, tiny_images
+from otprune.integrations.run_cli import QwenImageProcessor
 
 VISION = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>") + VISION
@@ -120,43 +122,8 @@ def tiny_qwen(family: str = "qwen2_5_vl", seed: int = 0) -> Tuple[torch.nn.Modul
         "Qwen2VLImageProcessor", patch_size=patch, merge_size=2, temporal_patch_size=2,
         min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2,
     )
-    return model, TinyQwenProcessor(image_processor, tokenizer)
-
-
-class TinyQwenProcessor:
-    """What Qwen's processor does for images, without its video processor (which needs torchvision):
-    each ``<|image_pad|>`` becomes one token per merged visual token of its image."""
-
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids(VISION[1])
-
-    def __call__(self, images, text: Sequence[str], return_tensors: str = "pt", padding: bool = True) -> dict:
-        vis = self.image_processor(images, return_tensors="pt")
-        counts = (vis["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
-        out, j = [], 0
-        for t in text:
-            parts = t.split(VISION[1])
-            for n in counts[j:j + len(parts) - 1]:
-                parts[0] += " " + " ".join([VISION[1]] * n) + " "
-                parts[0] += parts.pop(1)
-            j += t.count(VISION[1])
-            out.append(parts[0])
-        if j != len(counts):
-            raise ValueError(f"{j} image markers for {len(counts)} images")
-        batch = self.tokenizer(out, return_tensors=return_tensors, padding=padding)
-        ids = batch["input_ids"]
-        return dict(
-            input_ids=ids,
-            attention_mask=batch["attention_mask"],
-            pixel_values=vis["pixel_values"],
-            image_grid_thw=vis["image_grid_thw"],
-            mm_token_type_ids=(ids == self.image_token_id).int(),
-        )
-
-    def decode(self, ids, **kw) -> str:
-        return self.tokenizer.decode(ids, **kw)
+    # Qwen's own processor also builds a video processor, which needs torchvision.
+    return model, QwenImageProcessor(image_processor, tokenizer)
 
 
 def tiny_qwen_inputs(

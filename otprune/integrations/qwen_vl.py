@@ -54,10 +54,10 @@ from ._sequence import (
     select_kept,
 )
 
-# Releases whose Qwen-VL models take 3-D / 4-row position_ids in generate, return per-item tuples
-# from get_image_features and compute positions in compute_3d_position_ids. Tested: 5.23.0.
+# Releases whose Qwen-VL models take 4-row position_ids in generate, return per-item tuples from
+# get_image_features and compute positions in compute_3d_position_ids. Tested: 5.17.0 and 5.23.0.
 SUPPORTED = ("5.17", "6.0")
-TESTED = "5.23"
+TESTED = "5.17 and 5.23"
 _ATTR = "_otprune_qwen"
 _PATCHED = ("generate", "forward")
 CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
@@ -140,15 +140,21 @@ def encode(model: Any, kwargs: dict) -> Dict[str, Any]:
 
 
 def _pruned_output(output: Any, kept: List[torch.Tensor]) -> Any:
-    """A copy of a vision output with every per-item sequence cut to its kept rows."""
+    """A copy of a vision output with every item's sequence cut to its kept rows (deepstack levels too)."""
     new = type(output)(**{k: v for k, v in output.items()})
 
     def cut(feats):
         return tuple(f[k.to(f.device)] for f, k in zip(feats, kept))
 
+    def cut_level(level):  # per-item tuple (5.18+) or one (sum N_j, D) tensor (5.17)
+        if isinstance(level, torch.Tensor):
+            return torch.cat(cut(torch.split(level, sizes)))
+        return cut(level)
+
+    sizes = [int(f.shape[0]) for f in output.pooler_output]
     new.pooler_output = cut(output.pooler_output)
     if getattr(output, "deepstack_features", None) is not None:
-        new.deepstack_features = [cut(level) for level in output.deepstack_features]
+        new.deepstack_features = [cut_level(level) for level in output.deepstack_features]
     return new
 
 

@@ -1,8 +1,11 @@
 """``otprune run``: answer one image question on a real model, with and without pruning.
 
-Loads a transformers LLaVA / LLaVA-NeXT checkpoint (hub id or local folder), generates an answer
-unpruned and pruned, and prints the visual-token count the language model received and the
-prefill time of each. Where the weights cannot be had it says so and exits with status 2.
+Loads a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or
+local folder), generates an answer unpruned and pruned, and prints the visual-token count the
+language model received and the prefill time of each. Where the weights cannot be had it says so
+and exits with status 2. A Qwen processor that cannot be built (its video processor needs
+torchvision) is replaced by :class:`QwenImageProcessor` over the checkpoint's tokenizer and image
+processor.
 """
 
 from __future__ import annotations
@@ -13,12 +16,60 @@ import time
 from typing import Any, Dict, Tuple
 
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+QWEN_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_TYPES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+IMAGE_PAD = "<|image_pad|>"
+
+
+class QwenImageProcessor:
+    """Qwen-VL's processor for images only: each ``<|image_pad|>`` in a text becomes one token per
+    merged visual token of its image (t*h*w / merge**2 from the image processor's grid).
+
+    Returns input_ids / attention_mask (B, T) int64, pixel_values (patches, C*t*p*p), image_grid_thw
+    (n_images, 3) int64 and mm_token_type_ids (B, T) int32 (1 at image tokens).
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def __call__(self, images: Any, text: Any, return_tensors: str = "pt", padding: bool = True) -> Dict[str, Any]:
+        texts = [text] if isinstance(text, str) else list(text)
+        vis = self.image_processor(images, return_tensors="pt")
+        counts = (vis["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+        if sum(t.count(IMAGE_PAD) for t in texts) != len(counts):
+            raise ValueError(f"{sum(t.count(IMAGE_PAD) for t in texts)} {IMAGE_PAD} markers for {len(counts)} images")
+        it = iter(counts)
+        expanded = []
+        for t in texts:
+            parts = t.split(IMAGE_PAD)
+            expanded.append(parts[0] + "".join(IMAGE_PAD * next(it) + rest for rest in parts[1:]))
+        batch = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding)
+        ids = batch["input_ids"]
+        return dict(
+            input_ids=ids,
+            attention_mask=batch["attention_mask"],
+            pixel_values=vis["pixel_values"],
+            image_grid_thw=vis["image_grid_thw"],
+            mm_token_type_ids=(ids == self.image_token_id).int(),
+        )
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
 
 
 def add_parser(sub: Any) -> None:
     """Register the ``run`` subcommand on an argparse subparsers object."""
-    sp = sub.add_parser("run", help="answer with and without pruning on a real LLaVA model")
-    sp.add_argument("--model", required=True, help="hub id or local folder of a transformers LLaVA / LLaVA-NeXT model")
+    sp = sub.add_parser("run", help="answer with and without pruning on a real LLaVA / Qwen-VL model")
+    sp.add_argument("--model", required=True,
+                    help="hub id or local folder of a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL model")
     sp.add_argument("--image", required=True, help="image file")
     sp.add_argument("--prompt", required=True, help="question about the image")
     sp.add_argument("--keep", type=float, default=0.098, help="ratio (0, 1] or count (>= 1) of visual tokens kept")
@@ -43,13 +94,14 @@ def _keep_value(keep: float):
 
 def _load(model_id: str, device: str, dtype_name: str) -> Tuple[Any, Any]:
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(model_id)
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration", **QWEN_TYPES}
     if config.model_type not in classes:
         raise ValueError(
-            f"model type {config.model_type!r} is not a transformers LLaVA / LLaVA-NeXT model "
+            f"model type {config.model_type!r} is not a transformers LLaVA / LLaVA-NeXT / Qwen-VL model "
             f"(supported: {', '.join(classes)}); original-codebase checkpoints run through the "
             "environment-variable route instead"
         )
@@ -57,17 +109,27 @@ def _load(model_id: str, device: str, dtype_name: str) -> Tuple[Any, Any]:
         dtype = torch.float16 if device == "cuda" else torch.float32
     else:
         dtype = getattr(torch, dtype_name)
-    model = classes[config.model_type].from_pretrained(model_id, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_id)
+    cls = getattr(transformers, classes[config.model_type], None)
+    if cls is None:
+        raise ImportError(f"transformers {transformers.__version__} has no {classes[config.model_type]}")
+    model = cls.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+    except ImportError:
+        if config.model_type not in QWEN_TYPES:
+            raise
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        processor = QwenImageProcessor(AutoImageProcessor.from_pretrained(model_id), AutoTokenizer.from_pretrained(model_id))
     return model, processor
 
 
-def _inputs(processor: Any, image: Any, prompt: str, device: str, dtype) -> Dict[str, Any]:
+def _inputs(processor: Any, image: Any, prompt: str, device: str, dtype, model_type: str) -> Dict[str, Any]:
     if getattr(processor, "chat_template", None):
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(conv, add_generation_prompt=True)
     else:
-        text = FALLBACK_TEMPLATE.format(prompt=prompt)
+        text = (QWEN_TEMPLATE if model_type in QWEN_TYPES else FALLBACK_TEMPLATE).format(prompt=prompt)
     batch = processor(images=image, text=text, return_tensors="pt")
     out = {}
     for name, val in batch.items():
@@ -137,13 +199,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, processor = _load(args.model, device, args.dtype)
     except ImportError as err:
-        return _fail(f"needs transformers with LLaVA support ({err})")
+        return _fail(f"needs transformers with LLaVA / Qwen-VL support ({err})")
     except (OSError, ValueError) as err:
         return _fail(
             f"cannot load model {args.model!r}: {str(err).splitlines()[0]}\n"
             "Pass a local folder holding the weights, or run where the model hub is reachable."
         )
-    inputs = _inputs(processor, image, args.prompt, device, model.dtype)
+    inputs = _inputs(processor, image, args.prompt, device, model.dtype, model.config.model_type)
     image_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
     text_tokens = int((inputs["input_ids"] != image_id).sum())
 
