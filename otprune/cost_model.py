@@ -322,18 +322,33 @@ TRITON_BLOCK_T = 16
 TRITON_MAX_BLOCK_N = 1024
 
 
-def _greedy_triton(shape: Shape, gpu: Gpu, lat: Latency) -> Phase:
-    """One program per image; C rows in a global scratch; per step and column chunk the row of L,
-    then C[:t] in dependent loads of TRITON_BLOCK_T rows each."""
+def _greedy_triton(shape: Shape, gpu: Gpu, lat: Latency, rows: str) -> Phase:
+    """One program per image; C rows and d2 in a global scratch; per step and column chunk the row
+    of L (read, or formed from S in tiles of TRITON_BLOCK_T rows: "lazy"), then C[:t] in tiles of
+    TRITON_BLOCK_T rows, each tile one dependent load."""
     B, N, k = shape.B, shape.N, shape.k
     col_chunks = -(-N // TRITON_MAX_BLOCK_N)
-    chunks = col_chunks * sum(-(-t // TRITON_BLOCK_T) for t in range(1, k - 1))
+    tiles = col_chunks * sum(-(-t // TRITON_BLOCK_T) for t in range(1, k - 1))
     c = _c_traffic(shape)
-    hit = _cached(B * k * N * F32, gpu)
-    return Phase("greedy (Triton, one program per image, C in global)",
-                 hbm_bytes=(0.0 if hit else c) + B * N * F32, l2_bytes=(c if hit else 0.0) + B * (k - 1) * N * F32,
-                 flops=2.0 * c / F32, sms=B, steps=(k - 1) + chunks,
-                 latency_s=(k - 1) * lat.block_step_s + chunks * lat.round_trip_s, kernels=1, host_ops=4)
+    hbm = l2 = 0.0
+    if _cached(B * k * N * F32, gpu):
+        l2 += c
+    else:
+        hbm += c
+    flops = 2.0 * c / F32
+    if rows == "full":
+        l2 += B * (k - 1) * N * F32
+    else:
+        tiles += (k - 1) * col_chunks * -(-N // TRITON_BLOCK_T)
+        s_reads = B * (k - 1) * N * N * F32
+        if _cached(B * N * N * F32, gpu):
+            l2 += s_reads
+        else:
+            hbm += s_reads
+        flops += 2.0 * B * (k - 1) * N * N
+    return Phase(f"greedy (Triton, one program per image, rows {rows})", hbm_bytes=hbm + B * N * F32,
+                 l2_bytes=l2, flops=flops, sms=B, steps=(k - 1) + tiles,
+                 latency_s=(k - 1) * lat.block_step_s + tiles * lat.round_trip_s, kernels=1, host_ops=4)
 
 
 # Framework ops per step of otprune.greedy.greedy_picks on a GPU (index arithmetic, row fetch,
@@ -427,11 +442,23 @@ def _design_cuda_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str,
              [_validation(shape), _similarity_torch(shape), _greedy_legacy(shape, gpu, lat), _sort(shape)])]
 
 
+# The Triton greedy keeps the whole L only while B N^2 fp32 fit this many bytes
+# (otprune/triton_kernels/greedy.py: FULL_L_BUDGET_BYTES; a test keeps them equal).
+TRITON_FULL_L_BUDGET_BYTES = 1 << 30
+
+
 def _design_triton(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
-    return [("Triton similarity, full L, one program per image",
-             [_validation(shape), _similarity_triton(shape),
-              _rows_gemm(shape, "fp32", 64, True, 1, "Triton fp32 ieee triangle GEMM"),
-              _greedy_triton(shape, gpu, lat), _sort(shape)])]
+    """Triton similarity, then L precomputed by the Triton triangle GEMM ("full", while it fits the
+    budget) or rows formed in the greedy ("lazy"); its launcher picks the cheaper by a model of its
+    own (choose_strategy), the same physics as here."""
+    out = [("Triton similarity, rows lazy, one program per image",
+            [_validation(shape), _similarity_triton(shape), _greedy_triton(shape, gpu, lat, "lazy"), _sort(shape)])]
+    if F32 * shape.B * shape.N * shape.N <= TRITON_FULL_L_BUDGET_BYTES:
+        out.append(("Triton similarity, full L, one program per image",
+                    [_validation(shape), _similarity_triton(shape),
+                     _rows_gemm(shape, "fp32", 64, True, 1, "Triton fp32 ieee triangle GEMM"),
+                     _greedy_triton(shape, gpu, lat, "full"), _sort(shape)]))
+    return out
 
 
 def _design_torch(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:

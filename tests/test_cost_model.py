@@ -113,6 +113,18 @@ def test_triton_tiling_matches_the_kernel():
     tg = importlib.import_module("otprune.triton_kernels.greedy")
 
     assert (cm.TRITON_BLOCK_T, cm.TRITON_MAX_BLOCK_N) == (tg.BLOCK_T, tg.MAX_BLOCK_N)
+    assert cm.TRITON_FULL_L_BUDGET_BYTES == tg.FULL_L_BUDGET_BYTES
+
+
+def test_triton_rows_choice_agrees_with_its_launcher():
+    """The Triton launcher's own full/lazy rule and this model's fastest Triton variant agree at the
+    target shapes and a few others."""
+    tg = importlib.import_module("otprune.triton_kernels.greedy")
+    for shape in SHAPES + [cm.Shape(1, 576, 4096, 1), cm.Shape(256, 576, 4096, 2)]:
+        if shape.dtype == "float64":
+            continue  # float64 runs in torch
+        picked = "full" if "full L" in cm.estimate("triton", shape, cm.H100).design else "lazy"
+        assert picked == tg.choose_strategy(shape.B, shape.N, shape.k), shape
 
 
 def test_shape_rejects_bad_input():
