@@ -127,6 +127,15 @@ def test_triton_rows_choice_agrees_with_its_launcher():
         assert picked == tg.choose_strategy(shape.B, shape.N, shape.k), shape
 
 
+def test_cuda_rows_choice_agrees_with_its_launcher():
+    """The modelled cuda backend takes the kernel-row form its launcher (cuda_ext.rows_strategy) takes."""
+    cuda_ext = pytest.importorskip("otprune.backends.cuda_ext", reason="otprune._C not built")
+    for shape in SHAPES + [cm.Shape(72, 2880, 64, 282, "float32")]:  # the last: G over the budget
+        s = torch.empty(shape.B, shape.N, shape.N, device="meta", dtype=torch.float32)
+        picked = "full" if "rows full" in cm.estimate("cuda", shape, cm.H100).design else "lazy"
+        assert picked == cuda_ext.rows_strategy(s), shape
+
+
 def test_shape_rejects_bad_input():
     with pytest.raises(ValueError, match="k=9 exceeds N=8"):
         cm.Shape(1, 8, 4, 9)
