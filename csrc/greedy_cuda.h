@@ -16,14 +16,15 @@ constexpr int64_t cuda_max_n() {
   return (47 * 1024) / sizeof(T);
 }
 
-// One thread block per image runs all greedy steps; one launch, no allocation, no host sync.
+// One thread block, or on sm_90 one thread-block cluster, per image runs all greedy steps; one
+// launch, no allocation, no host sync.
 // src:   (batch, n, n) row-major, padding rows/columns zero: the symmetric similarity S (full =
 //        false: each step forms gamma * S[j, :] S) or G = gamma * S S^T (full = true: each step
 //        reads row j of G).
 // ks:    (batch,) budgets on the device, 1 <= ks[b] <= min(k_max, valid count), or nullptr: all k_max.
 // valid: (batch, n) device mask of real tokens (1 byte each), or nullptr when all are real.
 // work:  (batch, max(k_max - 1, 1), n) device scratch for the Cholesky rows (left unused when they
-//        fit in shared memory).
+//        fit in shared memory, of one block or of a cluster).
 // picks: (batch, k_max) device output, greedy order, -1 past ks[b].
 // Returns the launch status (cudaErrorInvalidValue when n > cuda_max_n<T>()).
 template <typename T>

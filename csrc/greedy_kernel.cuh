@@ -13,6 +13,9 @@
 #ifndef OTPRUNE_DYNAMIC_SHARED
 #define OTPRUNE_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
+#ifdef __CUDACC__
+#include <cooperative_groups.h>  // thread-block clusters (sm_90); the emulation provides its own
+#endif
 
 namespace otprune {
 namespace detail {
@@ -20,30 +23,53 @@ namespace detail {
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / kWarp;
+constexpr int kMaxCluster = 16;  // blocks per cluster (above 8 needs the non-portable opt-in)
 
-// Launch plan for one batch: every image is one block of `threads` threads, thread x owning items
-// x, x + threads, ... of the image; `threads` is chosen so that every thread owns the same number
-// of items, up to the last warp (N = 576: 576 threads x 1; N = 2880: 960 x 3; N = 577: 608 x 1).
-// All shared memory is dynamic (smem_bytes): the argmax scratch, the residuals d2 (N values) and,
-// when they fit under smem_limit, the Cholesky rows (rows x N values; else the global workspace).
+// Launch plan for one batch. Every image is `cluster` blocks of `threads` threads; block r owns
+// items [r * slice, (r + 1) * slice) of the image (cluster = 1: one block owns all N), thread x of
+// it items x, x + threads, ... of that range; `threads` is chosen so that every thread owns the
+// same number of items, up to the last warp (N = 576: 576 threads x 1; N = 2880: 960 x 3; N = 577:
+// 608 x 1). All shared memory is dynamic (smem_bytes per block): the argmax scratch, the residuals
+// d2 of the block's items and, when they fit under the limit, the Cholesky rows of those items
+// (rows x slice values; else, for cluster = 1 only, the global workspace). A cluster keeps them on
+// chip by construction, plus a copy of the pivot's column of the rows (rows values).
 struct GreedyPlan {
   int threads;
   size_t smem_bytes;
   bool rows_on_chip;
+  int cluster;
+  int slice;
 };
 
-// Bytes of the argmax scratch: two slots (step parity) of one (value, index) pair per warp.
-inline constexpr size_t argmax_scratch_bytes(size_t elem) { return 2 * kMaxWarps * (elem + sizeof(int)); }
+// Bytes of the argmax scratch: two slots (step parity) of one (value, index) pair per warp, plus
+// two slots of the block's winner for the cluster-wide argmax.
+inline constexpr size_t argmax_scratch_bytes(size_t elem) { return 2 * (kMaxWarps + 1) * (elem + sizeof(int)); }
 
-// The plan for n items, k_max picks, elem-byte values and smem_limit bytes of shared memory per block.
+inline int64_t block_threads(int64_t items) {
+  const int64_t per = (items + kMaxThreads - 1) / kMaxThreads;
+  return ((items + per - 1) / per + kWarp - 1) / kWarp * kWarp;
+}
+
+// The one-block-per-image plan for n items, k_max picks, elem-byte values and smem_limit bytes of
+// shared memory per block.
 inline GreedyPlan greedy_plan(int64_t n, int64_t k_max, size_t elem, size_t smem_limit) {
-  const int64_t per = (n + kMaxThreads - 1) / kMaxThreads;
-  const int64_t threads = ((n + per - 1) / per + kWarp - 1) / kWarp * kWarp;
   const int64_t rows = k_max > 1 ? k_max - 1 : 1;
   const size_t base = argmax_scratch_bytes(elem) + static_cast<size_t>(n) * elem;
   const size_t with_rows = base + static_cast<size_t>(rows * n) * elem;
   const bool on_chip = with_rows <= smem_limit;
-  return GreedyPlan{static_cast<int>(threads), on_chip ? with_rows : base, on_chip};
+  return GreedyPlan{static_cast<int>(block_threads(n)), on_chip ? with_rows : base, on_chip, 1, static_cast<int>(n)};
+}
+
+// The cluster plan: the smallest power-of-two cluster (2 .. max_cluster blocks) whose blocks hold
+// their share of the Cholesky rows in smem_limit bytes; cluster = 0 when none does.
+inline GreedyPlan greedy_cluster_plan(int64_t n, int64_t k_max, size_t elem, size_t smem_limit, int max_cluster) {
+  const int64_t rows = k_max > 1 ? k_max - 1 : 1;
+  for (int cs = 2; cs <= max_cluster && cs <= kMaxCluster; cs *= 2) {
+    const int64_t slice = (n + cs - 1) / cs;
+    const size_t bytes = argmax_scratch_bytes(elem) + static_cast<size_t>(rows + slice + rows * slice) * elem;
+    if (bytes <= smem_limit) return GreedyPlan{static_cast<int>(block_threads(slice)), bytes, true, cs, static_cast<int>(slice)};
+  }
+  return GreedyPlan{0, 0, false, 0, 0};
 }
 
 template <typename T>
@@ -75,18 +101,19 @@ __device__ __forceinline__ void warp_argmax(T& bv, int& bi) {
   }
 }
 
-// Block-wide argmax of d2 over the whole image, each thread scanning its own items; every thread
-// gets (j, pivot). One barrier: the warps' winners go to scratch slot `parity`, which the next
+// Block-wide argmax of d2[0:n] (item i of the block is item base + i of the image), each thread
+// scanning its own items; every thread gets (j, pivot) with j an image index. One barrier: the warps' winners go to scratch slot `parity`, which the next
 // call leaves alone (it uses the other slot) and the call after that may overwrite only once
 // every thread has passed the next call's barrier, i.e. has finished reading this one.
 template <typename T>
-__device__ __forceinline__ void block_argmax(const T* d2, int n, T* red_v, int* red_i, int parity, int& j, T& pivot) {
+__device__ __forceinline__ void block_argmax(const T* d2, int n, int base, T* red_v, int* red_i, int parity, int& j,
+                                             T& pivot) {
   T bv = neg_inf<T>();
   int bi = INT_MAX;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    if (better(d2[i], i, bv, bi)) {
+    if (better(d2[i], base + i, bv, bi)) {
       bv = d2[i];
-      bi = i;
+      bi = base + i;
     }
   }
   warp_argmax(bv, bi);
@@ -97,7 +124,7 @@ __device__ __forceinline__ void block_argmax(const T* d2, int n, T* red_v, int* 
     slot_v[warp] = bv;
     slot_i[warp] = bi;
   }
-  __syncthreads();  // step barrier: the only one per greedy step
+  __syncthreads();  // step barrier (the only one per step of the one-block kernel)
   bv = lane < warps ? slot_v[lane] : neg_inf<T>();
   bi = lane < warps ? slot_i[lane] : INT_MAX;
   warp_argmax(bv, bi);
@@ -132,8 +159,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                   int64_t* __restrict__ picks) {
   OTPRUNE_DYNAMIC_SHARED(unsigned char, smem);
   T* red_v = reinterpret_cast<T*>(smem);
-  int* red_i = reinterpret_cast<int*>(red_v + 2 * kMaxWarps);
-  T* d2 = reinterpret_cast<T*>(red_i + 2 * kMaxWarps);
+  int* red_i = reinterpret_cast<int*>(red_v + 2 * (kMaxWarps + 1));
+  T* d2 = reinterpret_cast<T*>(red_i + 2 * (kMaxWarps + 1));
 
   const int b = blockIdx.x;
   const T* S = src + static_cast<size_t>(b) * n * n;
@@ -160,7 +187,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   int j;
   T pivot;
-  block_argmax(d2, n, red_v, red_i, 0, j, pivot);
+  block_argmax(d2, n, 0, red_v, red_i, 0, j, pivot);
   if (threadIdx.x == 0) out[0] = j;
 
   for (int t = 0; t + 1 < k; ++t) {
@@ -178,10 +205,121 @@ __global__ void __launch_bounds__(kMaxThreads)
       const T left = d2[i] - acc * acc;
       d2[i] = i == j ? neg_inf<T>() : left;
     }
-    block_argmax(d2, n, red_v, red_i, (t + 1) & 1, j, pivot);
+    block_argmax(d2, n, 0, red_v, red_i, (t + 1) & 1, j, pivot);
     if (threadIdx.x == 0) out[t + 1] = j;
   }
   for (int t = k + threadIdx.x; t < k_max; t += blockDim.x) out[t] = -1;
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // clusters: sm_90 and later
+// Cluster-wide argmax: each block's winner (j, pivot), known to all its threads, goes to slot
+// `parity` of its shared memory; after the cluster barrier the first lanes of every warp read the
+// cluster's winners through distributed shared memory and reduce them. Slot reuse as in
+// block_argmax: the other slot next call, this one only after everyone passed the next barrier.
+template <typename T>
+__device__ __forceinline__ void cluster_argmax(const cooperative_groups::cluster_group& cluster, T* win_v, int* win_i,
+                                               int parity, int& j, T& pivot) {
+  if (threadIdx.x == 0) {
+    win_v[parity] = pivot;
+    win_i[parity] = j;
+  }
+  cluster.sync();
+  const int lane = threadIdx.x % kWarp, blocks = static_cast<int>(cluster.num_blocks());
+  T bv = neg_inf<T>();
+  int bi = INT_MAX;
+  if (lane < blocks) {
+    bv = *cluster.map_shared_rank(win_v + parity, lane);
+    bi = *cluster.map_shared_rank(win_i + parity, lane);
+  }
+  warp_argmax(bv, bi);
+  j = bi;
+  pivot = bv;
+}
+#endif
+
+// The greedy for one image split over a thread-block cluster (sm_90): block r of the cluster owns
+// items [r * slice, (r + 1) * slice), their residuals and their Cholesky rows in its shared memory.
+// Per step: the block copies the pivot's column C[:t, j] from its owner's shared memory (distributed
+// shared memory) and waits (block barrier); each thread updates its own items as in greedy_kernel;
+// block argmax (block barrier), cluster argmax (cluster barrier). Rows r < t of the owner were
+// written before an earlier cluster barrier, so the copy reads settled values. Grid: batch x
+// cluster blocks, image b = blockIdx.x / cluster. On architectures without clusters it traps
+// (the launcher never starts it there).
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    greedy_cluster_kernel(const T* __restrict__ src, bool full, const int64_t* __restrict__ ks,
+                          const uint8_t* __restrict__ valid, int n, int k_max, int rows, int slice, T gamma,
+                          int64_t* __restrict__ picks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();
+#else
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  OTPRUNE_DYNAMIC_SHARED(unsigned char, smem);
+  T* red_v = reinterpret_cast<T*>(smem);  // 2 * kMaxWarps warp winners, then 2 block winners
+  T* win_v = red_v + 2 * kMaxWarps;
+  int* red_i = reinterpret_cast<int*>(red_v + 2 * (kMaxWarps + 1));
+  int* win_i = red_i + 2 * kMaxWarps;
+  T* cj = reinterpret_cast<T*>(red_i + 2 * (kMaxWarps + 1));  // rows: the pivot's column
+  T* d2 = cj + rows;                                           // slice: own residuals
+  T* C = d2 + slice;                                           // rows x slice: own Cholesky rows
+
+  const int b = blockIdx.x / cluster.num_blocks();
+  const int lo = rank * slice;
+  const int count = n - lo < slice ? (n - lo > 0 ? n - lo : 0) : slice;
+  const T* S = src + static_cast<size_t>(b) * n * n;
+  int64_t* out = picks + static_cast<size_t>(b) * k_max;
+  const uint8_t* ok = valid ? valid + static_cast<size_t>(b) * n : nullptr;
+  const int k = ks ? static_cast<int>(ks[b]) : k_max;
+  const bool writer = rank == 0 && threadIdx.x == 0;
+
+  for (int x = threadIdx.x; x < count; x += blockDim.x) {  // as in greedy_kernel
+    const int i = lo + x;
+    T g;
+    if (full) {
+      g = S[static_cast<size_t>(i) * n + i];
+    } else {
+      T acc = 0;
+      for (int m = 0; m < n; ++m) {
+        const T v = S[static_cast<size_t>(m) * n + i];
+        acc += v * v;
+      }
+      const T norm = sqrt(acc);
+      g = norm * norm * gamma;
+    }
+    d2[x] = (ok && !ok[i]) ? neg_inf<T>() : g + T(1);
+  }
+  int j;
+  T pivot;
+  block_argmax(d2, count, lo, red_v, red_i, 0, j, pivot);
+  cluster_argmax(cluster, win_v, win_i, 0, j, pivot);
+  if (writer) out[0] = j;
+
+  for (int t = 0; t + 1 < k; ++t) {
+    const T scale = T(1) / sqrt(pivot);
+    const int owner = j / slice, jl = j - owner * slice;
+    const T* owner_rows = cluster.map_shared_rank(C, owner);
+    for (int r = threadIdx.x; r < t; r += blockDim.x) cj[r] = owner_rows[static_cast<size_t>(r) * slice + jl];
+    __syncthreads();  // cj complete
+    T* e = C + static_cast<size_t>(t) * slice;
+    for (int x = threadIdx.x; x < count; x += blockDim.x) {
+      const int i = lo + x;
+      T acc = full ? S[static_cast<size_t>(j) * n + i] : lazy_row_entry(S, n, j, i, gamma);
+      for (int r = 0; r < t; ++r) acc -= cj[r] * C[static_cast<size_t>(r) * slice + x];
+      acc *= scale;
+      e[x] = acc;
+      const T left = d2[x] - acc * acc;
+      d2[x] = i == j ? neg_inf<T>() : left;
+    }
+    block_argmax(d2, count, lo, red_v, red_i, (t + 1) & 1, j, pivot);
+    cluster_argmax(cluster, win_v, win_i, (t + 1) & 1, j, pivot);
+    if (writer) out[t + 1] = j;
+  }
+  if (rank == 0) {
+    for (int t = k + threadIdx.x; t < k_max; t += blockDim.x) out[t] = -1;
+  }
+  cluster.sync();  // no block may leave while another can still read its shared memory
+#endif
 }
 
 }  // namespace detail

@@ -40,16 +40,23 @@ def kernel_include_dir() -> Path:
     return cuda_include_dir("math_constants.h") or SIMT / "fallback"
 
 
+def driver_command(out: Path, flags: List[str], kernel_dir: Path = CSRC) -> List[str]:
+    """The g++ command compiling the emulation driver around ``kernel_dir``/greedy_kernel.cuh."""
+    return [CXX, "-std=c++20", "-pthread", *flags, "-include", str(SIMT / "simt.h"), f"-I{kernel_dir}",
+            "-idirafter", str(kernel_include_dir()), str(SIMT / "driver.cpp"), "-o", str(out)]
+
+
 def build_driver(out: Path, flags: List[str], kernel_dir: Path = CSRC) -> None:
     """Compile the emulation driver around ``kernel_dir``/greedy_kernel.cuh into ``out``."""
-    cmd = [CXX, "-std=c++20", "-pthread", *flags, "-include", str(SIMT / "simt.h"), f"-I{kernel_dir}",
-           "-idirafter", str(kernel_include_dir()), str(SIMT / "driver.cpp"), "-o", str(out)]
+    cmd = driver_command(out, flags, kernel_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
 
 
-def launch_plan(driver: Path, n: int, k_max: int, elem: int, smem_limit: int) -> Tuple[int, int, bool]:
-    """(threads, dynamic shared memory bytes, rows on chip) of csrc/greedy_kernel.cuh's greedy_plan."""
-    out = subprocess.run([str(driver), "--plan", str(n), str(k_max), str(elem), str(smem_limit)],
+def launch_plan(driver: Path, n: int, k_max: int, elem: int, smem_limit: int,
+                max_cluster: int = 0) -> Tuple[int, int, bool, int, int]:
+    """(threads, dynamic shared memory bytes, rows on chip, cluster, slice) of csrc/greedy_kernel.cuh's
+    greedy_plan (max_cluster 0) or greedy_cluster_plan."""
+    out = subprocess.run([str(driver), "--plan", str(n), str(k_max), str(elem), str(smem_limit), str(max_cluster)],
                          capture_output=True, text=True, timeout=30, check=True).stdout.split()
-    return int(out[0]), int(out[1]), out[2] == "1"
+    return int(out[0]), int(out[1]), out[2] == "1", int(out[3]), int(out[4])

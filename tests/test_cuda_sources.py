@@ -92,17 +92,21 @@ def plan_driver(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shared_memory_is_what_the_launcher_requests(arch, tmp_path, plan_driver):
     """No static shared memory (so the launch's dynamic request is the whole), the plan within the
-    arch's opt-in limit, on-chip Cholesky rows at N = 576, k = 56, and within the 48 KiB default
-    for every N the launcher accepts when the rows stay in global memory."""
+    arch's opt-in limit, on-chip Cholesky rows at N = 576, k = 56 (one block) and N = 2880, k = 282
+    (a cluster of 16 on sm_90), and within the 48 KiB default for every N the launcher accepts when
+    the rows stay in global memory."""
     need(NVCC, "nvcc (CUDA_HOME, PATH, /usr/local/cuda)")
     for name, res in ptxas_report(CUDA_SOURCES[0], arch, tmp_path).items():
         assert res["smem"] == 0, (name, res)
     limit = OPTIN_SMEM[arch]
     for n, k, elem in [(1, 1, 4), (576, 56, 4), (576, 56, 8), (2880, 282, 4), (6016, 300, 8), (12032, 2, 4)]:
-        threads, smem, _ = launch_plan(plan_driver, n, k, elem, limit)
+        threads, smem = launch_plan(plan_driver, n, k, elem, limit)[:2]
         assert smem <= limit and threads <= 1024, (n, k, elem, threads, smem)
     assert launch_plan(plan_driver, 576, 56, 4, limit)[2], "N = 576, k = 56 rows should sit in shared memory"
     assert not launch_plan(plan_driver, 2880, 282, 4, limit)[2]
+    if arch == "sm_90":  # one block cannot hold N = 2880, k = 282: a cluster of 16 can
+        threads, smem, on_chip, cluster, _ = launch_plan(plan_driver, 2880, 282, 4, limit, 16)
+        assert (on_chip, cluster) == (True, 16) and smem <= limit and threads <= 1024
     for elem in (4, 8):
         max_n = 47 * 1024 // elem  # cuda_max_n in csrc/greedy_cuda.h
         assert launch_plan(plan_driver, max_n, max_n, elem, limit)[1] <= DEFAULT_SMEM

@@ -25,7 +25,7 @@ import torch
 from helpers import check_exact, features
 from otprune.greedy import gamma_gram, greedy_picks
 from otprune.kernel import similarity
-from simt_build import CSRC, CXX, build_driver, launch_plan
+from simt_build import CSRC, CXX, build_driver, driver_command, launch_plan
 
 pytestmark = pytest.mark.simt
 GAMMA = 0.01
@@ -53,28 +53,43 @@ def simt_binary(tmp_path_factory):
             pytest.fail("OTPRUNE_REQUIRE_EXT=1 but no C++ compiler (g++ or $CXX) is found for the simt tests")
         pytest.skip("no C++ compiler (g++ or $CXX) found: the simt emulation cannot be built")
     folder = tmp_path_factory.mktemp("simt")
-    built = {}
+    # All builds start at once (they are single-threaded); each is awaited when first needed.
+    started = {name: (folder / f"driver_{name}", driver_command(folder / f"driver_{name}", flags))
+               for name, (flags, _) in BUILDS.items()}
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, (_, cmd) in started.items()}
+
+    errors = {}
 
     def build(name):
-        if name not in built:
-            built[name] = folder / f"driver_{name}"
-            build_driver(built[name], BUILDS[name][0])
-        return built[name]
+        out, cmd = started[name]
+        if name not in errors:
+            try:
+                errors[name] = procs[name].communicate(timeout=300)[1]
+            except subprocess.TimeoutExpired:
+                procs[name].kill()
+                pytest.fail(f"building the {name} driver took over 300 s")
+        assert procs[name].returncode == 0, f"{' '.join(cmd)}\n{errors[name][-4000:]}"
+        return out
 
-    return build
+    yield build
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def rows_off_chip_limit(binary, n, elem):
     """A shared-memory limit that holds d2 and the scratch but no Cholesky row (forces global rows)."""
-    _, one_row, _ = launch_plan(binary, n, 2, elem, 1 << 30)
-    return one_row - n * elem
+    return launch_plan(binary, n, 2, elem, 1 << 30)[1] - n * elem
 
 
-def run_kernel(binary, src, ks, valid=None, full=False, smem_limit=SM90, pass_ks=True, timeout=120):
-    """Run the emulated kernel on (B, N, N) ``src`` (S, or G when ``full``); (B, max(ks)) int64 picks."""
+def run_kernel(binary, src, ks, valid=None, full=False, smem_limit=SM90, max_cluster=0, pass_ks=True, timeout=120):
+    """Run the emulated kernel on (B, N, N) ``src`` (S, or G when ``full``), one block per image
+    (max_cluster 0) or one cluster of up to max_cluster blocks; (B, max(ks)) int64 picks."""
     B, N, _ = src.shape
     k_max = max(ks)
-    head = [src.element_size(), B, N, k_max, int(pass_ks), int(valid is not None), int(full), smem_limit]
+    head = [src.element_size(), B, N, k_max, int(pass_ks), int(valid is not None), int(full), smem_limit, max_cluster]
     parts = [np.array(head, dtype=np.int64).tobytes(), np.float64(GAMMA).tobytes(), src.contiguous().numpy().tobytes()]
     if pass_ks:
         parts.append(np.asarray(ks, dtype=np.int64).tobytes())
@@ -138,16 +153,26 @@ def run_case(binary, case, seed, timeout):
     B, N, d, ks, dtype, lengths, scatter, full, rows_home = case
     x, s, valid = make_case(B, N, d, seed=seed, dtype=dtype, lengths=lengths, scatter=scatter)
     elem = s.element_size()
-    limit = rows_off_chip_limit(binary, N, elem) if rows_home == "global" else rows_home
-    assert launch_plan(binary, N, max(ks), elem, limit)[2] == (rows_home != "global")
+    max_cluster = 0
+    if isinstance(rows_home, tuple):  # ("cluster", blocks): the limit at which the plan needs that many
+        max_cluster, limit = rows_home[1], 1 << 30
+        while (plan := launch_plan(binary, N, max(ks), elem, limit, max_cluster))[3] < max_cluster:
+            limit = plan[1] - 1
+        limit = plan[1]
+        assert not launch_plan(binary, N, max(ks), elem, limit)[2]  # one block would not hold the rows
+    else:
+        limit = rows_off_chip_limit(binary, N, elem) if rows_home == "global" else rows_home
+        assert launch_plan(binary, N, max(ks), elem, limit)[2] == (rows_home != "global")
     ragged = len(set(ks)) > 1
     src = gamma_gram(s, GAMMA) if full else s
-    got = run_kernel(binary, src, ks, valid, full=full, smem_limit=limit, pass_ks=ragged or B == 1, timeout=timeout)
+    got = run_kernel(binary, src, ks, valid, full=full, smem_limit=limit, max_cluster=max_cluster,
+                     pass_ks=ragged or B == 1, timeout=timeout)
     exact = check_against_reference_and_cpu(x, s, valid, ks, got)
     assert exact >= 1 or N <= 2, "every row had a near-tie: the CPU path's order was never compared"
 
 
-# (B, N, d, ks, dtype, valid lengths, scattered mask, full kernel rows, Cholesky rows: limit or "global")
+# (B, N, d, ks, dtype, valid lengths, scattered mask, full kernel rows, Cholesky rows: a shared-memory
+# limit (one block per image, rows on chip), "global", or ("cluster", blocks per image))
 PLAIN_CASES = {
     "n1": (1, 1, 4, [1], torch.float32, None, False, False, SM90),
     "n37_k_eq_n_and_k1_full": (3, 37, 6, [37, 1, 5], torch.float32, None, False, True, SM90),
@@ -156,6 +181,9 @@ PLAIN_CASES = {
     "n577_block_of_608_lazy": (1, 577, 24, [8], torch.float32, None, False, False, DEFAULT),
     "n577_fp64_ragged_valid_full": (2, 577, 16, [5, 2], torch.float64, [577, 300], False, True, SM80),
     "n1100_two_items_a_thread_full": (1, 1100, 16, [4], torch.float32, None, False, True, "global"),
+    "n37_cluster_of_2_full": (2, 37, 6, [37, 4], torch.float32, None, False, True, ("cluster", 2)),
+    "n100_fp64_cluster_of_4_lazy_valid": (2, 100, 12, [9, 3], torch.float64, [100, 61], True, False, ("cluster", 4)),
+    "n577_cluster_of_16_full": (1, 577, 24, [8], torch.float32, None, False, True, ("cluster", 16)),
 }
 
 
@@ -169,6 +197,7 @@ SANITIZER_CASES = {  # N in {37, 100, 577}, k <= 10: each block costs seconds un
     "n37_full": (2, 37, 5, [10, 3], torch.float32, None, False, True, SM90),
     "n100_fp64_valid_lazy_global_rows": (1, 100, 8, [6], torch.float64, [70], True, False, "global"),
     "n577_full": (1, 577, 8, [4], torch.float32, None, False, True, DEFAULT),
+    "n100_cluster_of_4_full": (1, 100, 8, [10], torch.float32, [90], True, True, ("cluster", 4)),
 }
 
 
@@ -182,7 +211,7 @@ def test_emulated_kernel_under_sanitizer(simt_binary, build, case):
 @pytest.mark.parametrize("n", [1, 31, 37, 576, 577, 1024, 1025, 1100, 2880, 6016])
 def test_launch_plan_has_no_tail_pass(simt_binary, n):
     """Every thread owns ceil(N / threads) items but for less than one warp's worth per pass."""
-    threads, _, _ = launch_plan(simt_binary("plain"), n, 1, 4, SM90)
+    threads = launch_plan(simt_binary("plain"), n, 1, 4, SM90)[0]
     per = -(-n // threads)
     assert threads % 32 == 0 and 32 <= threads <= 1024
     assert threads * per - n < 32 * per, (n, threads, per)
@@ -190,13 +219,18 @@ def test_launch_plan_has_no_tail_pass(simt_binary, n):
         assert threads * per == n  # the target sizes: no idle thread at all
 
 
-def test_emulation_catches_a_missing_barrier(simt_binary, tmp_path):
-    """The harness can fail: the kernel with its step barrier removed races under ThreadSanitizer."""
+@pytest.mark.parametrize("barrier,max_cluster", [("__syncthreads();", 0), ("cluster.sync();\n", 4)],
+                         ids=["block_barriers", "cluster_argmax_barrier"])
+def test_emulation_catches_a_missing_barrier(simt_binary, tmp_path, barrier, max_cluster):
+    """The harness can fail: with every block barrier removed, or the cluster argmax's barrier, the
+    kernel races (ThreadSanitizer) or reads unset shared memory (the emulation's junk fill)."""
     kernel = (CSRC / "greedy_kernel.cuh").read_text()
-    assert kernel.count("__syncthreads();") == 1
-    (tmp_path / "greedy_kernel.cuh").write_text(kernel.replace("__syncthreads();", ";"))
+    assert barrier in kernel
+    count = -1 if max_cluster == 0 else 1  # the cluster case: the first one, inside cluster_argmax
+    (tmp_path / "greedy_kernel.cuh").write_text(kernel.replace(barrier, ";\n" if max_cluster else ";", count))
     binary = tmp_path / "driver_racy"
     build_driver(binary, BUILDS["tsan"][0], kernel_dir=tmp_path)
     _, s, _ = make_case(1, 37, 5, seed=1, dtype=torch.float32)
-    with pytest.raises(AssertionError, match="ThreadSanitizer|exit 66"):
-        run_kernel(binary, s, [4], timeout=BUILDS["tsan"][1])
+    limit = launch_plan(binary, 37, 6, 4, 1 << 30, max_cluster)[1] if max_cluster else SM90
+    with pytest.raises(AssertionError, match="ThreadSanitizer|exit "):
+        run_kernel(binary, s, [6], smem_limit=limit, max_cluster=max_cluster, timeout=BUILDS["tsan"][1])
