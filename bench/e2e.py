@@ -7,8 +7,14 @@ random weights built directly on the device from configs (nothing is downloaded)
                   LLaVA-NeXT (unpad + newline tokens) into 2928 visual tokens, fp16;
   tiny-llava-1.5  224 px / 14 = 256 visual tokens, 2-layer 64-wide CLIP, 4-layer 256-wide Llama, fp32;
   tiny-llava-1.6  112 px crops of a 224 x 224 image: 336 packed visual tokens, same small towers.
+and transformers Qwen2_5_VLForConditionalGeneration:
+  qwen2.5-vl-7b   Qwen2.5-VL-7B's vision tower (32 blocks, 1280 wide, window attention) and language
+                  model (28 layers, 3584 wide, GQA 28/4); a 672 x 672 image = 48 x 48 patches merged
+                  2 x 2 into 576 visual tokens, fp16;
+  tiny-qwen2.5-vl 2-block 64-wide tower, 4-layer 256-wide language model; 448 x 448 = 256 visual tokens, fp32.
+The Qwen prefill here runs on sequential positions (the cost of M-RoPE's 3-D positions is the same).
 The 7B shapes need a GPU (default there); on CPU the tiny ones are the default, and --quick runs the
-tiny ones with B = 1 and keep 0.098 only. (7B GPU path: untested on GPU.)
+tiny LLaVA ones with B = 1 and keep 0.098 only. (7B GPU path: untested on GPU.)
 
 Pipeline, run directly here (no model patching): pixel_values -> get_image_features (vision tower
 + projector; LLaVA-NeXT packing) -> selection over each image's visual tokens -> inputs_embeds =
@@ -49,6 +55,15 @@ _TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   patch_size=14, projection_dim=64)
 _TINY_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096)
+_QWEN_VIT_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+_QWEN_LM_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+_TINY_QWEN_VIT = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
+                      window_size=112, fullatt_block_indexes=[1])
+_TINY_QWEN_LM = dict(_TINY_LLAMA, num_key_value_heads=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
 SHAPES: Dict[str, dict] = {
     "llava-1.5-7b": dict(next=False, vision=_CLIP_L, text=_LLAMA_7B, image=336),
     "llava-1.6-7b": dict(next=True, vision=_CLIP_L, text=_LLAMA_7B, image=672,
@@ -56,15 +71,21 @@ SHAPES: Dict[str, dict] = {
     "tiny-llava-1.5": dict(next=False, vision={**_TINY_CLIP, "image_size": 224}, text=_TINY_LLAMA, image=224),
     "tiny-llava-1.6": dict(next=True, vision={**_TINY_CLIP, "image_size": 112}, text=_TINY_LLAMA, image=224,
                            pinpoints=[[112, 224], [224, 112], [224, 224]]),
+    "qwen2.5-vl-7b": dict(qwen=True, vision=_QWEN_VIT_7B, text=_QWEN_LM_7B, image=672),
+    "tiny-qwen2.5-vl": dict(qwen=True, vision=_TINY_QWEN_VIT, text=_TINY_QWEN_LM, image=448),
 }
+QWEN_PATCH, QWEN_MERGE = 14, 2
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A random-weight LLaVA(-NeXT) of shape ``name`` (see SHAPES), built on ``device`` in ``dtype``, eval mode."""
+    """A random-weight LLaVA(-NeXT) or Qwen2.5-VL of shape ``name`` (see SHAPES), built on ``device`` in
+    ``dtype``, eval mode."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration)
 
     shape = SHAPES[name]
+    if shape.get("qwen"):
+        return _build(_qwen_config(shape), device, dtype)
     vision, text = CLIPVisionConfig(**shape["vision"]), LlamaConfig(**shape["text"])
     common_kw = dict(vision_config=vision, text_config=text, image_token_index=text.vocab_size - 1,
                      vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -73,6 +94,21 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
         cfg, cls = LlavaNextConfig(image_grid_pinpoints=shape["pinpoints"], **common_kw), LlavaNextForConditionalGeneration
     else:
         cfg, cls = LlavaConfig(**common_kw), LlavaForConditionalGeneration
+    return _build((cls, cfg), device, dtype)
+
+
+def _qwen_config(shape: dict) -> tuple:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab = shape["text"]["vocab_size"]
+    cfg = Qwen2_5_VLConfig(vision_config=dict(shape["vision"], patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE),
+                           text_config=shape["text"], image_token_id=vocab - 1, video_token_id=vocab - 2,
+                           vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4)
+    return Qwen2_5_VLForConditionalGeneration, cfg
+
+
+def _build(cls_cfg: tuple, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    cls, cfg = cls_cfg
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     try:
@@ -85,9 +121,14 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
 
 
 def image_inputs(name: str, B: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random pixel_values (and image_sizes for LLaVA-NeXT) for B square images of the model's size."""
+    """Random pixel_values (and image_sizes for LLaVA-NeXT, image_grid_thw for Qwen) for B square
+    images of the model's size."""
     shape = SHAPES[name]
     g = torch.Generator().manual_seed(1)
+    if shape.get("qwen"):
+        side = shape["image"] // QWEN_PATCH
+        patches = torch.randn(B * side * side, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=g)
+        return {"pixel_values": patches.to(device, dtype), "image_grid_thw": torch.tensor([[1, side, side]] * B, device=device)}
     side = shape["vision"]["image_size"]
     if not shape["next"]:
         return {"pixel_values": torch.randn(B, 3, side, side, generator=g).to(device, dtype)}
@@ -198,7 +239,9 @@ def run(quick: bool, out_dir: str, models: Optional[List[str]] = None, device: O
     """Measure ``models`` (default: 7B shapes on GPU, tiny ones on CPU); append CSV, rewrite MD/PNG."""
     device = device or common.default_device()
     if models is None:
-        models = ["llava-1.5-7b", "llava-1.6-7b"] if device.type == "cuda" and not quick else ["tiny-llava-1.5", "tiny-llava-1.6"]
+        big = device.type == "cuda" and not quick
+        models = ["llava-1.5-7b", "llava-1.6-7b", "qwen2.5-vl-7b"] if big else ["tiny-llava-1.5", "tiny-llava-1.6"]
+        models += [] if big or quick else ["tiny-qwen2.5-vl"]
     batches, ratios = ((1,), (0.098,)) if quick else ((1, 8), RATIOS)
     reps, steps = (3, 4) if quick else ((10, 32) if device.type == "cuda" else (5, 16))
     rows = []
@@ -219,7 +262,7 @@ def write_report(stem: str) -> None:
     heads = ["device", "model", "B", "method", "keep", "visual tokens kept", "sequence", "TTFT p20 ms",
              "TTFT p50 ms", "TTFT p80 ms", "TTFT speed-up", "LM prefill p50 ms", "LM prefill speed-up",
              "selection p50 ms", "selection share of TTFT", "decode tok/s (batch)"]
-    text = ["# End-to-end: LLaVA prefill and decoding with pruned visual tokens", "",
+    text = ["# End-to-end: LLaVA / Qwen2.5-VL prefill and decoding with pruned visual tokens", "",
             "Random-weight models built from configs; TTFT = image encoding + selection + LM prefill + first "
             "token; LM prefill = the language model's forward alone; speed-ups are unpruned p50 / row p50 "
             "(same model, B, run); selection share = selection p50 / TTFT p50. See bench/e2e.py for the shapes.",

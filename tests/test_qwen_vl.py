@@ -407,3 +407,17 @@ def test_otprune_run_on_tiny_saved_qwen(tmp_path):
               if line.split()[:1] in (["unpruned"], ["pruned"])}
     assert counts["unpruned"] == (112 // 14) * (84 // 14) // 4
     assert counts["pruned"] == budget(0.25, counts["unpruned"])
+
+
+def test_bench_e2e_qwen_shapes():
+    """The e2e benchmark's Qwen2.5-VL shapes: the tiny one encodes to 256 merged tokens per image
+    and prefills; the 7B one has Qwen2.5-VL-7B's size (built on the meta device, no memory)."""
+    from bench import e2e
+
+    model = e2e.build_model("tiny-qwen2.5-vl", torch.device("cpu"), torch.float32)
+    feats = e2e.encode(model, e2e.image_inputs("tiny-qwen2.5-vl", 2, torch.device("cpu"), torch.float32))
+    assert feats.shape == (2, 256, 256)
+    token, _ = e2e.prefill(model, e2e.keep_tokens(feats, "otprune", 0.098))
+    assert token.shape == (2,)
+    big = e2e.build_model("qwen2.5-vl-7b", torch.device("meta"), torch.float16)
+    assert 8.2e9 < sum(p.numel() for p in big.parameters()) < 8.4e9
