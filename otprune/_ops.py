@@ -67,7 +67,7 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
 
         out = official_select(x, ks, float(gamma), normalize, lens_dev)
     else:
-        be = backends.resolve(backend, x.device)
+        be = backends.resolve(backend, x.device, (B, N, x.shape[2], k_max, x.dtype))
         if scale is not None:
             x = x.to(accumulation_dtype(x.dtype)) * (scale.to(x.device) if torch.is_tensor(scale) else scale)
         valid = valid_mask(lens_dev, B, N, x.device)
