@@ -45,6 +45,8 @@ struct GreedyPlan {
 // two slots of the block's winner for the cluster-wide argmax.
 inline constexpr size_t argmax_scratch_bytes(size_t elem) { return 2 * (kMaxWarps + 1) * (elem + sizeof(int)); }
 
+// Threads for a block owning `items` items: ceil(items / per) rounded up to whole warps, with
+// per = ceil(items / kMaxThreads) items a thread.
 inline int64_t block_threads(int64_t items) {
   const int64_t per = (items + kMaxThreads - 1) / kMaxThreads;
   return ((items + per - 1) / per + kWarp - 1) / kWarp * kWarp;
