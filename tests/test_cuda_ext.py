@@ -66,6 +66,19 @@ def test_matches_reference(dtype, n, d):
         assert exact, "every case had a near-tie: only log-dets were compared"
 
 
+def test_every_home_of_the_cholesky_rows_agrees():
+    """N = 577, k = 200: the rows overflow one block's shared memory, so a lone image runs on a
+    cluster (sm_90) and a batch of 40 (40 clusters would not fit the SMs at once) one block per image
+    with the rows in global memory. Same arithmetic per item, so the same greedy order."""
+    x = features(577, 32, 11, b=40)
+    s = similarity(x.cuda())
+    batched = cuda_greedy(s, [200] * 40)
+    for b in (0, 17, 39):
+        alone = cuda_greedy(s[b:b + 1].contiguous(), [200])
+        assert batched[b].tolist() == alone[0].tolist()
+        check_exact(x[b], batched[b].sort().values.cpu(), 200, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_greedy_order_as_torch(dtype):
     compared = 0
