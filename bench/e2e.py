@@ -128,7 +128,8 @@ def image_inputs(name: str, B: int, device: torch.device, dtype: torch.dtype) ->
     if shape.get("qwen"):
         side = shape["image"] // QWEN_PATCH
         patches = torch.randn(B * side * side, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=g)
-        return {"pixel_values": patches.to(device, dtype), "image_grid_thw": torch.tensor([[1, side, side]] * B, device=device)}
+        return {"pixel_values": patches.to(device, dtype),
+                "image_grid_thw": torch.tensor([[1, side, side]] * B, device=device)}
     side = shape["vision"]["image_size"]
     if not shape["next"]:
         return {"pixel_values": torch.randn(B, 3, side, side, generator=g).to(device, dtype)}

@@ -181,16 +181,24 @@ def test_generate_matches_hand_pruned_reference(family):
         ref = _generate(
             model, input_ids=ids, attention_mask=att, position_ids=pos, mm_encoder_outputs={"image": vision}
         )
+    labels = torch.where(att.bool(), ids, -100)  # the labels of the kept positions, padding ignored
+    with torch.no_grad():
+        ref_fwd = model(input_ids=ids, attention_mask=att, position_ids=pos[1:], labels=labels,
+                        mm_encoder_outputs={"image": vision})
     otprune.apply(model, keep=KEEP)
     try:
         with torch.no_grad():
             out = _generate(model, **inputs)
+            fwd = model(**inputs, labels=torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100))
     finally:
         otprune.revert(model)
     t = inputs["input_ids"].shape[1]
     assert torch.equal(out.sequences[:, t:], ref.sequences[:, length:])
     for a, e in zip(out.logits, ref.logits):
         assert torch.equal(a, e)
+    # forward: the same pruned logits, and the loss over the kept positions' labels.
+    torch.testing.assert_close(fwd.logits, ref_fwd.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fwd.loss, ref_fwd.loss, rtol=0, atol=1e-6)
 
 
 def test_forward_positions_and_labels(family):
@@ -255,7 +263,9 @@ def test_inner_layer_prunes(family):
     seen = []
     block = model.model.language_model.layers[layer]
     otprune.apply(model, keep=KEEP, layer=layer)  # its pre-hook runs before the one below
-    h = block.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_embeddings"][0].shape), with_kwargs=True)
+    h = block.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_embeddings"][0].shape), with_kwargs=True
+    )
     try:
         out = _generate(model, **inputs)
     finally:
@@ -329,8 +339,10 @@ def test_video_selected_over_all_its_tokens():
     keep = torch.ones(ids.shape[1], dtype=torch.bool)
     keep[1:1 + n_video] = False
     keep[1 + kept_v] = True
-    pos = seen.lm[0]["position_ids"][:, 0]
-    assert torch.equal(pos[:, : int(keep[: 2 + n_video].sum())], seen_base.lm[0]["position_ids"][:, 0][:, keep][:, : int(keep[: 2 + n_video].sum())])
+    # The video's kept tokens (and the text around them) keep their original 3-D positions.
+    head_kept = int(keep[: 2 + n_video].sum())
+    pos, pos_base = seen.lm[0]["position_ids"][:, 0], seen_base.lm[0]["position_ids"][:, 0]
+    assert torch.equal(pos[:, :head_kept], pos_base[:, keep][:, :head_kept])
     assert out.sequences.shape[1] == ids.shape[1] + NEW_TOKENS
 
 

@@ -69,7 +69,8 @@ def add_parser(sub: Any) -> None:
     """Register the ``run`` subcommand on an argparse subparsers object."""
     sp = sub.add_parser("run", help="answer with and without pruning on a real LLaVA / Qwen-VL model")
     sp.add_argument("--model", required=True,
-                    help="hub id or local folder of a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL model")
+                    help="hub id or local folder of a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / "
+                         "Qwen2.5-VL / Qwen3-VL model")
     sp.add_argument("--image", required=True, help="image file")
     sp.add_argument("--prompt", required=True, help="question about the image")
     sp.add_argument("--keep", type=float, default=0.098, help="ratio (0, 1] or count (>= 1) of visual tokens kept")
@@ -98,7 +99,8 @@ def _load(model_id: str, device: str, dtype_name: str) -> Tuple[Any, Any]:
     from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(model_id)
-    classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration", **QWEN_TYPES}
+    classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               **QWEN_TYPES}
     if config.model_type not in classes:
         raise ValueError(
             f"model type {config.model_type!r} is not a transformers LLaVA / LLaVA-NeXT / Qwen-VL model "
@@ -120,7 +122,8 @@ def _load(model_id: str, device: str, dtype_name: str) -> Tuple[Any, Any]:
             raise
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        processor = QwenImageProcessor(AutoImageProcessor.from_pretrained(model_id), AutoTokenizer.from_pretrained(model_id))
+        image_processor = AutoImageProcessor.from_pretrained(model_id)
+        processor = QwenImageProcessor(image_processor, AutoTokenizer.from_pretrained(model_id))
     return model, processor
 
 
