@@ -15,9 +15,9 @@ pruned with the same indices). Positions follow convention (a): the model's own 
 positions are computed for the unpruned prompt and each kept token keeps its own, text keeps its
 positions, and decoding continues after the unpruned prompt's last position (generate() extends
 the given positions by one per step; ``rope_deltas`` are shifted so that a decoding step through
-``forward`` with the cache continues likewise). ``generate``
-returns the caller's original ``input_ids`` followed by the new tokens; ``forward`` returns logits
-for the pruned sequence. Beam search and ``num_return_sequences`` > 1 are refused.
+``forward`` with the cache continues likewise). ``generate`` returns the caller's original
+``input_ids`` followed by the new tokens; ``forward`` returns logits for the pruned sequence.
+Beam search and ``num_return_sequences`` > 1 are refused.
 
 layer L > 0 (images only): decoder layers 0..L-1 see every token; the input of decoder layer L
 scores the visual tokens and layers L.. run on the kept tokens with their original M-RoPE
