@@ -69,7 +69,7 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
     else:
         be = backends.resolve(backend, x.device, (B, N, x.shape[2], k_max, x.dtype))
         if scale is not None:
-            x = x.to(accumulation_dtype(x.dtype)) * (scale.to(x.device) if torch.is_tensor(scale) else scale)
+            x = x.to(accumulation_dtype(x.dtype)) * scale  # a float, or a 0-d tensor on x's device
         valid = valid_mask(lens_dev, B, N, x.device)
         picks = be.greedy(be.similarity(x, normalize, valid), ks, float(gamma), valid)
         if k_row is not None:
