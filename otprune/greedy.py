@@ -12,7 +12,7 @@ the greedy alone, lazy / full):
   B=8 N=576 k=56: 18 / 23     B=8 N=576 k=192: 63 / 42     B=1 N=1152 k=113: 30 / 29
   B=4 N=1152 k=113: 76 / 85   B=1 N=2000 k=196: 143 / 113  B=1 N=2880 k=282: 476 / 271
 (The C++ path's lazy steps have since become about 3x faster with its AVX2 + FMA build, which moves
-its crossover towards "full" for larger k / N; the rule has not been re-measured on a quiet machine.)
+its lazy/full crossover to larger k / N; the rule has not been re-measured on a quiet machine.)
 The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
 is taken from then on and never read again, so it is left out in both forms.
 The loop runs k_max - 1 steps on device tensors: no host synchronisation, no data-dependent
