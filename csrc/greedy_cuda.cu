@@ -78,18 +78,15 @@ cudaError_t launch_blocks(const detail::GreedyPlan& plan, const T* src, bool ful
   return cudaGetLastError();
 }
 
-// One cluster per image (sm_90). Returns cudaErrorNotSupported, launching nothing, when the device
-// cannot hold one such cluster at a time (cudaOccupancyMaxActiveClusters), so the caller falls back.
+// One cluster per image (sm_90). Returns cudaErrorNotSupported, launching nothing, when the cluster
+// cannot be set up (an attribute refused, or cudaOccupancyMaxActiveClusters finds no room for one
+// such cluster), so that the caller falls back to one block per image.
 template <typename T>
 cudaError_t launch_clusters(const detail::GreedyPlan& plan, const T* src, bool full, const int64_t* ks,
                             const uint8_t* valid, int64_t batch, int n, int k_max, T gamma, int64_t* picks,
                             cudaStream_t stream) {
   const int rows = k_max > 1 ? k_max - 1 : 1;
   auto* kernel = detail::greedy_cluster_kernel<T>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
-  if (err == cudaSuccess && plan.cluster > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(plan.cluster);
@@ -102,10 +99,15 @@ cudaError_t launch_clusters(const detail::GreedyPlan& plan, const T* src, bool f
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = 1;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+  if (err == cudaSuccess && plan.cluster > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
   int clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (err != cudaSuccess || clusters < 1) {
-    cudaGetLastError();  // the query's error must not surface as the fallback launch's
+    cudaGetLastError();  // these errors are not sticky; keep them from surfacing as the fallback's
     return cudaErrorNotSupported;
   }
   err = cudaLaunchKernelEx(&config, kernel, src, full, ks, valid, n, k_max, rows, plan.slice, gamma, picks);
