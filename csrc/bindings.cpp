@@ -64,6 +64,8 @@ at::Tensor greedy(const at::Tensor& s_in, const at::Tensor& ks_in, double gamma,
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(s.device());
     // Ragged budgets travel through pinned memory: an asynchronous copy, no host synchronisation.
+    // A CUDA graph captured with ragged budgets would re-read that staging buffer at replay: capture
+    // with equal budgets (then nothing is copied) or pass a fresh call per batch.
     const at::Tensor ks_dev = ragged ? ks.pin_memory().to(s.device(), at::kLong, /*non_blocking=*/true) : at::Tensor();
     const auto stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "otprune_greedy_cuda", [&] {
