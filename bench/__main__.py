@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "quality": "bench.quality",
     "exact-vs-official": "bench.exact_vs_official",
     "model": "bench.model",
+    "kernels": "bench.kernels",
     "vllm": "bench.vllm_bench",
 }
 

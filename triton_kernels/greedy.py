@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import warps
 from .kernel_rows import kernel_matrix
 
 FULL_L_BUDGET_BYTES = 1 << 30
@@ -199,6 +200,6 @@ def greedy(
     _greedy_kernel[(B,)](
         src, ks_t, v, d2, c, picks, N, k_max, c.stride(0), float(gamma),
         FULL_L=strategy == "full", HAS_VALID=valid is not None,
-        BLOCK_N=block_n, BLOCK_R=BLOCK_T, BLOCK_T=BLOCK_T, num_warps=max(4, block_n // 64),
+        BLOCK_N=block_n, BLOCK_R=BLOCK_T, BLOCK_T=BLOCK_T, **warps(max(4, block_n // 64)),
     )
     return picks

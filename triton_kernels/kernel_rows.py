@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import GEMM_WARPS, gemm_block_k
+from ._env import GEMM_WARPS, gemm_block_k, warps
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def kernel_matrix(s: torch.Tensor, gamma: float) -> torch.Tensor:
     block = 64
     t = triton.cdiv(N, block)
     _kernel_matrix_kernel[(B, t, t)](s, out, N, float(gamma), BLOCK=block, BLOCK_K=gemm_block_k(fp16=False),
-                                     num_warps=GEMM_WARPS)
+                                     **warps(GEMM_WARPS))
     return out
 
 
@@ -136,6 +136,6 @@ def kernel_rows(s: torch.Tensor, rows: torch.Tensor, gamma: float) -> torch.Tens
     block_n = min(triton.next_power_of_2(N), 256)
     block_r = 32
     _kernel_rows_kernel[(B, M, triton.cdiv(N, block_n))](
-        s, rows, out, N, M, float(gamma), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+        s, rows, out, N, M, float(gamma), BLOCK_R=block_r, BLOCK_N=block_n, **warps(4)
     )
     return out

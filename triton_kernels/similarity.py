@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import GEMM_WARPS, gemm_block_k
+from ._env import GEMM_WARPS, gemm_block_k, warps
 
 # Power-of-two exponents of the fp16 hi/lo scheme: |B| <= 2^(SHIFT_B + 1), |A| <= 2^(SHIFT_A - SHIFT_B).
 SHIFT_B = 13
@@ -179,7 +179,7 @@ def sum_of_squares(x: torch.Tensor, over_tokens: bool, valid: Optional[torch.Ten
     grid = (B, triton.cdiv(D, bd) if over_tokens else triton.cdiv(N, bn))
     _sumsq_kernel[grid](
         x, v, out, N, D, x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
-        OVER_TOKENS=over_tokens, HAS_VALID=valid is not None, BLOCK_N=bn, BLOCK_D=bd,
+        OVER_TOKENS=over_tokens, HAS_VALID=valid is not None, BLOCK_N=bn, BLOCK_D=bd, **warps(4),
     )
     return out
 
@@ -223,6 +223,6 @@ def similarity(
         x, v, ca, cb, r, s, N, D, out_scale,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
         MODE=mode, X_FP16=x.dtype == torch.float16, HAS_VALID=valid is not None,
-        BLOCK=block, BLOCK_K=block_k, num_warps=GEMM_WARPS,
+        BLOCK=block, BLOCK_K=block_k, **warps(GEMM_WARPS),
     )
     return s
