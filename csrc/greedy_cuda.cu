@@ -39,18 +39,21 @@
 //   dependent steps (k - 1)    55 -> 55 us                281 -> 0.28 ms (block), 0.42-0.56 ms
 //                                                         (cluster)
 //   lazy form instead of G     1.3 MB of S per step via one SM -> 0.66 ms; 33 MB -> 85 ms
-// Lower bound of this design (GEMM on all SMs + the slowest greedy term; the batch's blocks or
-// clusters run their greedy concurrently, so only the GEMM grows with B):
-//   N = 576:  B = 1: 5.7 + 55 = ~61 us (a lone 576^3 GEMM fills ~20 of 132 SMs: ~37 + 55 = ~92 us)
-//             B = 8: 46 + 55 = ~100 us;   B = 32: 182 + 55 = ~240 us.
-//   N = 2880: B = 1: 0.71 + ~0.5 = ~1.2 ms (cluster of 16); B = 8: 5.7 + ~0.5 = ~6.2 ms (8 x 16 =
-//             128 SMs); B = 32: 32 clusters do not fit at once, one block per image: 23 + 4.1 =
-//             ~27 ms.
-// N = 576 meets the 100 us target at B = 1 in the model. N = 2880, B = 1 misses 1 ms by the fp32
-// GEMM: meeting it needs G from tensor cores with an fp32-accurate split (not done: its exactness
-// has to be shown first). Not modelled here: whether the GPU can co-schedule a 16-block cluster
-// with 200 KB of shared memory per block (the launcher asks cudaOccupancyMaxActiveClusters and
-// falls back to one block per image if not).
+// Lower bound of this file's part (otprune/cost_model.py, backend "cuda", phases "kernel rows" and
+// "greedy": the GEMM on all SMs (cuBLAS splits K; unsplit, a lone 576^3 GEMM would fill ~20 SMs),
+// then the greedy's largest traffic term plus its dependent steps, 1 us per kernel; the batch's
+// blocks or clusters run concurrently, so only the GEMM grows with B):
+//   N = 576:  B = 1: 8 + (14 + 55) = ~78 us;  B = 8: 48 + 70 = ~118 us;  B = 32: 185 + 70 = ~255 us.
+//   N = 2880: B = 1: 0.72 + (0.11 + 0.42) = ~1.25 ms (cluster of 16); B = 8: 5.7 + 0.54 = ~6.2 ms
+//             (8 x 16 = 128 SMs); B = 32: 32 clusters do not fit at once, one block per image with
+//             the rows in L2/HBM: 22.8 + 4.6 = ~27 ms.
+// The whole select call (bench/results/model.md) adds the input check, the torch fp32 similarity
+// GEMM (50 us at N = 576, 1.0 ms at N = 2880, B = 1) and the sort: 142 us and 2.3 ms at B = 1,
+// missing 100 us and 1 ms. Meeting them needs the similarity and G from tensor cores with an
+// fp32-accurate split (design cuda-tc-similarity-tc-rows; not done: its exactness has to be shown
+// first). Not modelled: whether the GPU can co-schedule a 16-block cluster with 200 KB of shared
+// memory per block (the launcher asks cudaOccupancyMaxActiveClusters and falls back to one block
+// per image if not).
 #include "greedy_cuda.h"
 
 #include <climits>

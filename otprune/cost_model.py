@@ -24,15 +24,18 @@ Figures (:data:`H100`, :data:`H200`, :data:`LATENCY`; vendor peaks, the rest sta
   argmax: warp shuffles and a barrier, ~0.3 us, then a dependent L2/HBM load of the chosen row,
   ~0.5 us, and the update's barrier; the step's arithmetic and traffic are counted on top); across
   a thread-block cluster 1.5 us (a cluster barrier and a distributed-shared-memory exchange of the
-  argmax on top); a
-  dependent global-memory round trip inside a loop 0.5 us. A step of the public loop or of the
-  torch greedy is a chain of framework ops instead (launch-bound).
+  argmax on top); a dependent global-memory round trip inside a loop 0.5 us. A step of the public
+  loop or of the torch greedy is a chain of framework ops instead (launch-bound).
 - select's glue (:data:`SELECT_HOST_SYNCS`): one host synchronisation per call, the input check
   (tests/test_host_sync.py holds select to it).
 
 Only the fp16 GEMMs use tensor cores: exact mode keeps fp32-level products, so an fp32 GEMM (cuBLAS
 ``sgemm`` through torch, Triton ``input_precision="ieee"``) runs at the fp32 SIMT rate. The public
 release's loop (:func:`estimate` with backend ``"official"``) is modelled with the same figures.
+
+The ``cuda`` backend is modelled on the launch its code makes (:func:`cuda_launch_plan`, transcribed
+from csrc/greedy_kernel.cuh and csrc/greedy_cuda.cu): Cholesky rows in one block's shared memory, in
+a thread-block cluster's, or in global memory. :data:`DESIGN_STATUS` says which designs exist.
 
 A measured table overrides the model for backend ranking (:func:`load_measurements`).
 """
@@ -43,7 +46,7 @@ import csv
 import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # ---------------------------------------------------------------------------------------- figures
 
@@ -64,6 +67,7 @@ class Gpu:
     fp32: float
     fp64: float
     h2d_bw: float  # pageable host-to-device copies
+    cc_major: int = 9  # compute capability major (thread-block clusters from 9 on)
 
 
 H100 = Gpu("H100 SXM", hbm_bw=3.35e12, l2_bw=7e12, l2_bytes=50e6, sms=132, sm_bw=110e9,
@@ -245,13 +249,14 @@ def _similarity_fused(shape: Shape) -> Phase:
                    kernels=2, host_ops=3)
 
 
-def _rows_gemm(shape: Shape, unit: str, tile: Optional[int], triangle: bool, products: int, what: str) -> Phase:
-    """G = gamma S S^T precomputed: read S, write G (B N^2 fp32 each), 2 N^3 FLOPs per product.
-    tile: output tile edge of a kernel without split-K (its tiles bound the SMs it uses); None for
-    cuBLAS, which splits K to fill every SM."""
+def _rows_gemm(shape: Shape, unit: str, tile: Optional[int], triangle: bool, products: int, what: str,
+               elem: int = F32) -> Phase:
+    """G = gamma S S^T precomputed: read S, write G (B N^2 elem-byte values each), 2 N^3 FLOPs per
+    product. tile: output tile edge of a kernel without split-K (its tiles bound the SMs it uses);
+    None for cuBLAS, which splits K to fill every SM."""
     B, N = shape.B, shape.N
     tiles, share = _tiles(N, tile or 1, triangle)
-    return Phase(f"kernel rows: G = gamma S S^T ({what})", hbm_bytes=2 * B * N * N * F32,
+    return Phase(f"kernel rows: G = gamma S S^T ({what})", hbm_bytes=2 * B * N * N * elem,
                  flops=products * 2.0 * B * N ** 3 * share, unit=unit, sms=B * tiles if tile else None,
                  kernels=2, host_ops=2)
 
@@ -267,40 +272,118 @@ def _c_traffic(shape: Shape) -> float:
     return shape.B * shape.N * F32 * (k - 1) * (k - 2) / 2
 
 
+# ---------------------------------------------------------------------- the CUDA launcher's plan
+# csrc/greedy_kernel.cuh (greedy_plan, greedy_cluster_plan) and csrc/greedy_cuda.cu (greedy_cuda)
+# transcribed; tests/test_cost_model.py compares them with the compiled header (tests/simt/driver.cpp
+# --plan).
+
+CUDA_WARP = 32
+CUDA_MAX_THREADS = 1024
+CUDA_MAX_CLUSTER = 16
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    """A launch of the CUDA greedy (GreedyPlan): threads per block, dynamic shared memory bytes per
+    block, whether the Cholesky rows live in shared memory, blocks per image (cluster, 1 = one
+    block) and items each block owns (slice)."""
+
+    threads: int
+    smem_bytes: int
+    rows_on_chip: bool
+    cluster: int
+    slice: int
+
+
+def _argmax_scratch_bytes(elem: int) -> int:
+    return 2 * (CUDA_MAX_THREADS // CUDA_WARP + 1) * (elem + 4)
+
+
+def _block_threads(items: int) -> int:
+    per = -(-items // CUDA_MAX_THREADS)
+    return -(-(-(-items // per)) // CUDA_WARP) * CUDA_WARP
+
+
+def cuda_block_plan(n: int, k_max: int, elem: int, smem_limit: int) -> CudaPlan:
+    """One block per image: the Cholesky rows in shared memory when they fit ``smem_limit`` bytes."""
+    rows = max(k_max - 1, 1)
+    base = _argmax_scratch_bytes(elem) + n * elem
+    with_rows = base + rows * n * elem
+    on_chip = with_rows <= smem_limit
+    return CudaPlan(_block_threads(n), with_rows if on_chip else base, on_chip, 1, n)
+
+
+def cuda_cluster_plan(n: int, k_max: int, elem: int, smem_limit: int,
+                      max_cluster: int = CUDA_MAX_CLUSTER) -> Optional[CudaPlan]:
+    """The smallest power-of-two cluster (2 .. max_cluster blocks) whose blocks hold their share of
+    the Cholesky rows in ``smem_limit`` bytes; None when none does."""
+    rows = max(k_max - 1, 1)
+    cs = 2
+    while cs <= min(max_cluster, CUDA_MAX_CLUSTER):
+        part = -(-n // cs)
+        nbytes = _argmax_scratch_bytes(elem) + (rows + part + rows * part) * elem
+        if nbytes <= smem_limit:
+            return CudaPlan(_block_threads(part), nbytes, True, cs, part)
+        cs *= 2
+    return None
+
+
+def cuda_launch_plan(batch: int, n: int, k_max: int, elem: int, gpu: Gpu) -> CudaPlan:
+    """The launch the CUDA greedy makes on ``gpu`` (its opt-in shared memory, SMs, compute
+    capability): one block per image with the rows in shared memory when they fit; else, from sm_90
+    on, one cluster per image while batch x cluster <= SMs; else one block per image with the rows in
+    global memory. Not modelled: the launcher's fall-back to one block per image when
+    cudaOccupancyMaxActiveClusters finds no room for such a cluster."""
+    plan = cuda_block_plan(n, k_max, elem, gpu.smem_bytes)
+    if not plan.rows_on_chip and gpu.cc_major >= 9:
+        split = cuda_cluster_plan(n, k_max, elem, gpu.smem_bytes)
+        if split is not None and batch * split.cluster <= gpu.sms:
+            return split
+    return plan
+
+
+def _cuda_where(plan: CudaPlan) -> str:
+    if plan.cluster > 1:
+        return f"cluster of {plan.cluster} blocks per image, Cholesky rows in shared memory"
+    return "one block per image, Cholesky rows in " + ("shared memory" if plan.rows_on_chip else "global memory")
+
+
 # --------------------------------------------------------------------------------- the greedies
 
 
-def _greedy_kernel(shape: Shape, gpu: Gpu, lat: Latency, rows: str, cluster: int, name: str) -> Phase:
-    """One launch: ``cluster`` SMs per image (1 = one thread block), the image's columns split
-    among them; Cholesky rows in shared memory while k x ceil(N / cluster) x 4 B fit, else L2/HBM;
-    rows "full" (one row of G per step) or "lazy" (gamma S[j, :] S per step, N^2 reads)."""
+def _greedy_cuda(shape: Shape, gpu: Gpu, lat: Latency, rows: str, plan: CudaPlan) -> Phase:
+    """csrc/greedy_cuda.cu's one launch under ``plan`` (:func:`cuda_launch_plan`): ``plan.cluster``
+    blocks per image (one SM each), the image's items split among them; the Cholesky rows in shared
+    memory (a cluster also copies the pivot's column C[:t, j] from its owner's shared memory every
+    step) or, off chip, in a global workspace (L2 while the batch's rows fit it); rows "full" (row j
+    of G read per step) or "lazy" (gamma S[j, :] S formed per step, plus the diagonal pass: k N^2
+    reads of S per image)."""
     B, N, k = shape.B, shape.N, shape.k
-    sms = B * cluster
+    elem, unit = _acc(shape)
+    sms = B * plan.cluster
     waves = -(-sms // gpu.sms)
-    cols = -(-N // cluster)
-    c = _c_traffic(shape)
-    on_chip = (k + 2) * cols * F32 <= gpu.smem_bytes  # C rows plus d2 and the current row
+    c = _c_traffic(shape) * elem / F32
     hbm = l2 = smem = 0.0
-    if on_chip:
-        smem += c
-    elif _cached(B * k * N * F32, gpu):
+    if plan.rows_on_chip:
+        smem += c + (B * plan.cluster * elem * (k - 1) * (k - 2) / 2 if plan.cluster > 1 else 0.0)
+    elif _cached(B * k * N * elem, gpu):
         l2 += c
     else:
         hbm += c
-    flops = 2.0 * c / F32
-    if rows == "full":
-        l2 += B * (k - 1) * N * F32
+    flops = 2.0 * c / elem
+    g_cached = _cached(B * N * N * elem, gpu)  # G (full) or S (lazy), re-read every step
+    reads = B * (k - 1) * N * elem if rows == "full" else B * k * N * N * elem
+    if rows == "lazy":
+        flops += 2.0 * B * k * N * N
+    if g_cached:
+        l2 += reads
     else:
-        s_reads = B * (k - 1) * N * N * F32
-        if _cached(B * N * N * F32, gpu):
-            l2 += s_reads
-        else:
-            hbm += s_reads
-        flops += 2.0 * B * (k - 1) * N * N
-    step = lat.block_step_s if cluster == 1 else lat.cluster_step_s
+        hbm += reads
+    step = lat.block_step_s if plan.cluster == 1 else lat.cluster_step_s
     steps = waves * (k - 1)
-    return Phase(name, hbm_bytes=hbm + B * N * F32, l2_bytes=l2, smem_bytes=smem, flops=flops,
-                 sms=sms, steps=steps, latency_s=steps * step, kernels=1, host_ops=3)
+    return Phase(f"greedy ({_cuda_where(plan)}, rows {rows})", hbm_bytes=hbm + B * N * elem, l2_bytes=l2,
+                 smem_bytes=smem, flops=flops, unit=unit, sms=sms, steps=steps, latency_s=steps * step, kernels=1,
+                 host_ops=3)
 
 
 def _greedy_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> Phase:
@@ -398,43 +481,41 @@ def _official(shape: Shape, gpu: Gpu, lat: Latency) -> List[Phase]:
                     host_syncs=B * p.host_syncs) for p in per_image]
 
 
-# Cluster sizes (SMs per image) a cluster design may launch with; 1 = one block per image.
-CLUSTERS = (1, 2, 4, 8, 16)
-
-
-def _onchip_variants(shape: Shape, gpu: Gpu, lat: Latency, stage1: str, g_unit: str, clusters: Sequence[int],
-                     rows_rule: bool) -> List[Tuple[str, List[Phase]]]:
-    """A one-launch greedy with the Cholesky rows in shared memory while they fit.
-
-    stage1: "torch" (otprune.kernel.similarity) or "fused" (fused normalisation + tensor-core
-    triangle GEMM, 2 kernels). g_unit: how G = gamma S S^T is computed for "full" rows: "fp32"
-    (cuBLAS sgemm through torch, TF32 off) or "fp16_tc" (split-fp16 tensor-core GEMM with fp32-level
-    products, as the Triton similarity already does). clusters: SMs per image tried. rows_rule:
-    rows "full" / "lazy" by otprune.greedy.FULL_ROWS_MAX_BYTES (as the CUDA backend's launcher
-    decides), else both tried.
-    """
+def _cuda_rows(shape: Shape) -> str:
+    """The cuda backend's kernel-row form (otprune.backends.cuda_ext.rows_strategy): "full" while G,
+    (B, N, N) in the accumulation dtype, fits otprune.greedy.FULL_ROWS_MAX_BYTES, else "lazy"."""
     from .greedy import FULL_ROWS_MAX_BYTES
 
-    if rows_rule:
-        rows_options = ("full",) if shape.B * shape.N * shape.N * F32 <= FULL_ROWS_MAX_BYTES else ("lazy",)
-    else:
-        rows_options = ("full", "lazy")
-    out = []
-    for cluster in clusters:
-        if cluster > 1 and shape.B * cluster > gpu.sms:
-            continue
-        where = "one block per image" if cluster == 1 else f"cluster of {cluster} SMs per image"
-        for rows in rows_options:
-            phases = [_validation(shape), _similarity_torch(shape) if stage1 == "torch" else _similarity_fused(shape)]
-            if rows == "full":
-                if g_unit == "fp16_tc":
-                    phases.append(_rows_gemm(shape, "fp16_tc", 64, True, 3, "split-fp16 tensor-core GEMM"))
-                else:
-                    phases.append(_rows_gemm(shape, "fp32", None, False, 1, "fp32 cuBLAS GEMM"))
-            phases.append(_greedy_kernel(shape, gpu, lat, rows, cluster, f"greedy ({where}, rows {rows})"))
-            phases.append(_sort(shape))
-            out.append((f"rows {rows}, {where}", phases))
-    return out
+    return "full" if shape.B * shape.N * shape.N * _acc(shape)[0] <= FULL_ROWS_MAX_BYTES else "lazy"
+
+
+def _cuda_design(stage1: str, g_unit: str) -> Callable[[Shape, Gpu, Latency], List[Tuple[str, List[Phase]]]]:
+    """Builder of a cuda-backend design: select's check, a similarity, G if the rows are "full",
+    the greedy launched as :func:`cuda_launch_plan` says, the sort.
+
+    stage1: "torch" (otprune.kernel.similarity), "triton" (the triton backend's similarity as it
+    is) or "fused" (that similarity with its scale ops fused into its sum-of-squares kernel).
+    g_unit: "fp32" (cuBLAS GEMM through torch, TF32 off) or "fp16_tc" (split-fp16 tensor-core
+    GEMM with fp32-level products, as the Triton similarity does it). float64 input keeps the torch
+    similarity and an fp64 G whatever they say.
+    """
+    stages = {"torch": _similarity_torch, "triton": _similarity_triton, "fused": _similarity_fused}
+
+    def build(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
+        elem, unit = _acc(shape)
+        rows = _cuda_rows(shape)
+        plan = cuda_launch_plan(shape.B, shape.N, shape.k, elem, gpu)
+        stage = _similarity_torch if shape.dtype == "float64" else stages[stage1]  # Triton's takes no float64
+        phases = [_validation(shape), stage(shape)]
+        if rows == "full":
+            if g_unit == "fp16_tc" and unit == "fp32":
+                phases.append(_rows_gemm(shape, "fp16_tc", 64, True, 3, "split-fp16 tensor-core GEMM"))
+            else:
+                phases.append(_rows_gemm(shape, unit, None, False, 1, f"{unit} cuBLAS GEMM", elem=elem))
+        phases += [_greedy_cuda(shape, gpu, lat, rows, plan), _sort(shape)]
+        return [(f"rows {rows}, {_cuda_where(plan)}", phases)]
+
+    return build
 
 
 def _design_cuda_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
@@ -465,7 +546,8 @@ def _design_torch(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[
     rows = _torch_rows(shape)
     phases = [_validation(shape), _similarity_torch(shape)]
     if rows == "full":
-        phases.append(_rows_gemm(shape, _acc(shape)[1], None, False, 1, "torch fp32 GEMM"))
+        elem, unit = _acc(shape)
+        phases.append(_rows_gemm(shape, unit, None, False, 1, f"torch {unit} GEMM", elem=elem))
     phases += [_greedy_torch(shape, gpu, lat, rows), _sort(shape)]
     return [(f"torch ops, rows {rows}, host loop", phases)]
 
@@ -478,18 +560,26 @@ def _design_official(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, Li
 # rated by its fastest one (its launcher is meant to choose the same).
 DESIGNS = {
     "cuda-legacy": _design_cuda_legacy,
-    # implemented in csrc/ (one block per image sized to N, rows on-chip while they fit)
-    "cuda-block-onchip": lambda sh, g, lt: _onchip_variants(sh, g, lt, "torch", "fp32", (1,), True),
-    # designs not implemented: fused stage 1 and clusters, with an fp32 or a split-fp16 G
-    "cuda-cluster-fp32-rows": lambda sh, g, lt: _onchip_variants(sh, g, lt, "fused", "fp32", CLUSTERS, False),
-    "cuda-cluster-split-fp16-rows": lambda sh, g, lt: _onchip_variants(sh, g, lt, "fused", "fp16_tc", CLUSTERS,
-                                                                        False),
+    "cuda-fp32-rows": _cuda_design("torch", "fp32"),
+    "cuda-tc-similarity": _cuda_design("triton", "fp32"),
+    "cuda-tc-similarity-tc-rows": _cuda_design("fused", "fp16_tc"),
     "triton": _design_triton,
     "torch": _design_torch,
     "official": _design_official,
 }
+# What each design is, in the code as it stands (update with the code).
+DESIGN_STATUS = {
+    "cuda-legacy": "replaced: the CUDA greedy before its redesign",
+    "cuda-fp32-rows": "implemented (cuda backend)",
+    "cuda-tc-similarity": "not implemented: cuda with the triton backend's tensor-core similarity",
+    "cuda-tc-similarity-tc-rows": "not implemented: as cuda-tc-similarity, its scale ops fused, G by a "
+                                  "split-fp16 tensor-core GEMM",
+    "triton": "implemented (triton backend)",
+    "torch": "implemented (torch backend)",
+    "official": "public loop (reference)",
+}
 # The design each GPU backend's code implements (update with the code: auto ranks by it).
-BACKEND_DESIGN = {"cuda": "cuda-block-onchip", "triton": "triton", "torch": "torch"}
+BACKEND_DESIGN = {"cuda": "cuda-fp32-rows", "triton": "triton", "torch": "torch"}
 GPU_BACKENDS = tuple(BACKEND_DESIGN)
 
 
@@ -573,5 +663,6 @@ def speedup(shape: Shape, backend: str, gpu: Gpu) -> float:
     return estimate("official", shape, gpu).seconds / estimate(backend, shape, gpu).seconds
 
 
-__all__ = ["Estimate", "Gpu", "GPUS", "GPU_BACKENDS", "H100", "H200", "LATENCY", "Latency", "Phase", "Shape",
-           "BACKEND_DESIGN", "DESIGNS", "estimate", "gpu_for", "load_measurements", "rank", "round_budget", "speedup"]
+__all__ = ["CudaPlan", "Estimate", "Gpu", "GPUS", "GPU_BACKENDS", "H100", "H200", "LATENCY", "Latency", "Phase",
+           "Shape", "BACKEND_DESIGN", "DESIGN_STATUS", "DESIGNS", "cuda_block_plan", "cuda_cluster_plan",
+           "cuda_launch_plan", "estimate", "gpu_for", "load_measurements", "rank", "round_budget", "speedup"]

@@ -3,8 +3,11 @@ per-step op count matches the torch loop, and ``auto`` on CUDA follows it (CPU o
 monkeypatched, nothing runs on a GPU)."""
 
 import csv
+import dataclasses
 import importlib
 import itertools
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 
 from otprune import backends
 from otprune import cost_model as cm
+from simt_build import CXX, build_driver, launch_plan
 
 SHAPES = [cm.Shape(B, N, d, cm.round_budget(r, N), dt)
           for B, N, d, r, dt in [(1, 576, 4096, 0.098, "float16"), (8, 576, 1024, 0.222, "float16"),
@@ -20,6 +24,23 @@ SHAPES = [cm.Shape(B, N, d, cm.round_budget(r, N), dt)
                                  (32, 2880, 4096, 0.098, "float16"), (4, 1000, 512, 0.3, "float32"),
                                  (2, 300, 64, 0.5, "float64")]]
 NAMES = list(cm.GPU_BACKENDS) + list(cm.DESIGNS)
+# More shapes for the CUDA launch plan: clusters of 2 .. 16 blocks, rows off chip, float64.
+EXTRA_SHAPES = [cm.Shape(B, N, 64, k, dt) for B, N, k, dt in
+                [(1, 1152, 113, "float32"), (2, 2000, 196, "float32"), (8, 2880, 282, "float32"),
+                 (9, 2880, 282, "float32"), (40, 1000, 300, "float32"), (1, 4096, 400, "float32"),
+                 (3, 1500, 150, "float64"), (70, 1152, 113, "float32")]]
+
+
+@pytest.fixture(scope="module")
+def plan_driver(tmp_path_factory):
+    """tests/simt/driver.cpp compiled around csrc/greedy_kernel.cuh (only its --plan mode is used)."""
+    if CXX is None:
+        if os.environ.get("OTPRUNE_REQUIRE_EXT") == "1":
+            pytest.fail("OTPRUNE_REQUIRE_EXT=1 but no C++ compiler (g++ or $CXX) is found")
+        pytest.skip("no C++ compiler (g++ or $CXX) found")
+    out = tmp_path_factory.mktemp("plan") / "driver"
+    build_driver(out, ["-O0"])
+    return out
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}N{s.N}d{s.d}k{s.k}{s.dtype}")
@@ -67,19 +88,83 @@ def test_modelled_work_matches_the_algorithms():
         assert cm.estimate("official", shape, cm.H100).host_syncs >= B * (k - 1)  # .item() per step
 
 
-def test_design_choices_follow_the_numbers():
-    """The CUDA designs take the variant the model rates fastest, and the Cholesky rows sit in shared
-    memory only when they fit."""
-    for shape, gpu in itertools.product(SHAPES, cm.GPUS):
-        for design in ("cuda-block-onchip", "cuda-cluster-fp32-rows", "cuda-cluster-split-fp16-rows"):
-            variants = cm.DESIGNS[design](shape, gpu, cm.LATENCY)
-            best = min(cm.Estimate(design, t, tuple(p), gpu).seconds for t, p in variants)
-            assert cm.estimate(design, shape, gpu).seconds == pytest.approx(best)
-            for text, phases in variants:
-                greedy = next(p for p in phases if p.name.startswith("greedy"))
-                cluster = 1 if "one block" in text else int(text.split("cluster of ")[1].split()[0])
-                fits = (shape.k + 2) * -(-shape.N // cluster) * 4 <= gpu.smem_bytes
-                assert (greedy.smem_bytes > 0) == (fits and shape.k > 2)
+CUDA_DESIGNS = [d for d in cm.DESIGNS if d.startswith("cuda-") and d != "cuda-legacy"]
+
+
+def test_cuda_designs_follow_the_launch_plan():
+    """Every CUDA design's greedy runs as cuda_launch_plan says: the Cholesky rows' traffic goes to
+    shared memory exactly when the plan keeps them on chip, one SM per block, cluster step latency
+    only for a cluster; and a cluster is used only when one block cannot hold the rows and the
+    batch's clusters fit the SMs at once."""
+    for shape, gpu in itertools.product(SHAPES + EXTRA_SHAPES, cm.GPUS):
+        elem = 8 if shape.dtype == "float64" else 4
+        plan = cm.cuda_launch_plan(shape.B, shape.N, shape.k, elem, gpu)
+        block = cm.cuda_block_plan(shape.N, shape.k, elem, gpu.smem_bytes)
+        assert plan.smem_bytes <= gpu.smem_bytes
+        if plan.cluster > 1:
+            assert not block.rows_on_chip and shape.B * plan.cluster <= gpu.sms
+        else:
+            assert plan == block
+            split = cm.cuda_cluster_plan(shape.N, shape.k, elem, gpu.smem_bytes)
+            assert block.rows_on_chip or split is None or shape.B * split.cluster > gpu.sms
+        for design in CUDA_DESIGNS:
+            (text, phases), = cm.DESIGNS[design](shape, gpu, cm.LATENCY)
+            greedy = next(p for p in phases if p.name.startswith("greedy"))
+            assert greedy.sms == shape.B * plan.cluster
+            assert (greedy.smem_bytes > 0) == (plan.rows_on_chip and shape.k > 2)
+            step = cm.LATENCY.cluster_step_s if plan.cluster > 1 else cm.LATENCY.block_step_s
+            assert greedy.latency_s == pytest.approx(greedy.steps * step)
+            assert (f"cluster of {plan.cluster} blocks" in text) == (plan.cluster > 1)
+
+
+def test_designs_state_what_is_implemented():
+    """Every design has a status; a backend's design is the one marked implemented for it, and the
+    cuda designs not implemented differ from the cuda backend only in the GEMMs."""
+    assert set(cm.DESIGN_STATUS) == set(cm.DESIGNS)
+    for backend, design in cm.BACKEND_DESIGN.items():
+        assert cm.DESIGN_STATUS[design] == f"implemented ({backend} backend)"
+    shape = cm.Shape(1, 2880, 4096, 282)
+    ours = cm.estimate("cuda", shape, cm.H100)
+    for design in CUDA_DESIGNS:
+        if design != cm.BACKEND_DESIGN["cuda"]:
+            assert cm.DESIGN_STATUS[design].startswith("not implemented")
+            other = cm.estimate(design, shape, cm.H100)
+            assert other.design == ours.design and other.phases[-2:] == ours.phases[-2:]
+
+
+def test_cluster_plan_follows_the_gpu():
+    """The launcher takes the smallest cluster that holds the rows; without clusters (compute
+    capability 8) or with more images than the SMs hold at once, rows that do not fit one block go
+    to global memory."""
+    sm80 = dataclasses.replace(cm.H100, cc_major=8)
+    for shape in EXTRA_SHAPES:
+        plan = cm.cuda_launch_plan(shape.B, shape.N, shape.k, 4, cm.H100)
+        if plan.cluster > 1:
+            block = cm.cuda_block_plan(shape.N, shape.k, 4, cm.H100.smem_bytes)
+            assert cm.cuda_cluster_plan(shape.N, shape.k, 4, cm.H100.smem_bytes, plan.cluster // 2) is None  # smallest
+            assert cm.cuda_launch_plan(shape.B, shape.N, shape.k, 4, sm80) == block
+            many = cm.H100.sms // plan.cluster + 1
+            assert cm.cuda_launch_plan(many, shape.N, shape.k, 4, cm.H100) == block
+    assert any(cm.cuda_launch_plan(s.B, s.N, s.k, 4, cm.H100).cluster > 1 for s in EXTRA_SHAPES)
+
+
+def test_cuda_plan_matches_the_compiled_header(plan_driver):
+    """The model's transcription of greedy_plan / greedy_cluster_plan returns what
+    csrc/greedy_kernel.cuh computes (tests/simt/driver.cpp --plan), over sizes, budgets, element
+    sizes and shared-memory limits (sm_90, sm_80, the 48 KiB default)."""
+    for n, elem, limit in itertools.product((1, 37, 576, 577, 1000, 2880, 4096), (4, 8), (232448, 166912, 49152)):
+        for k in sorted({1, 2, 3, max(1, n // 10), round(0.098 * n) or 1, n}):
+            got = launch_plan(plan_driver, n, k, elem, limit)
+            want = cm.cuda_block_plan(n, k, elem, limit)
+            assert got == (want.threads, want.smem_bytes, want.rows_on_chip, want.cluster, want.slice), (n, k, elem)
+            for max_cluster in (4, 16):
+                want = cm.cuda_cluster_plan(n, k, elem, limit, max_cluster)
+                if want is None:
+                    with pytest.raises(subprocess.CalledProcessError):
+                        launch_plan(plan_driver, n, k, elem, limit, max_cluster)
+                else:
+                    got = launch_plan(plan_driver, n, k, elem, limit, max_cluster)
+                    assert got == (want.threads, want.smem_bytes, True, want.cluster, want.slice), (n, k, elem)
 
 
 @pytest.mark.parametrize("rows", ["full", "lazy"])
@@ -130,8 +215,10 @@ def test_triton_rows_choice_agrees_with_its_launcher():
 def test_cuda_rows_choice_agrees_with_its_launcher():
     """The modelled cuda backend takes the kernel-row form its launcher (cuda_ext.rows_strategy) takes."""
     cuda_ext = pytest.importorskip("otprune.backends.cuda_ext", reason="otprune._C not built")
-    for shape in SHAPES + [cm.Shape(72, 2880, 64, 282, "float32")]:  # the last: G over the budget
-        s = torch.empty(shape.B, shape.N, shape.N, device="meta", dtype=torch.float32)
+    for shape in SHAPES + EXTRA_SHAPES + [cm.Shape(72, 2880, 64, 282, "float32"),  # G over the budget
+                                          cm.Shape(40, 2880, 64, 282, "float64")]:
+        dtype = torch.float64 if shape.dtype == "float64" else torch.float32  # S's dtype
+        s = torch.empty(shape.B, shape.N, shape.N, device="meta", dtype=dtype)
         picked = "full" if "rows full" in cm.estimate("cuda", shape, cm.H100).design else "lazy"
         assert picked == cuda_ext.rows_strategy(s), shape
 
