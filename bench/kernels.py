@@ -44,11 +44,13 @@ def markdown(rows: List[dict], problems: List[str]) -> str:
         "They prove what compiles and its resources, nothing about results or speed on a GPU (untested on GPU).",
         "",
         f"Rules checked: no stack, no spills, static + dynamic shared memory within the opt-in limit ({limits}), "
-        f"registers <= {triton_target.MAX_REGISTERS}. Shapes: N {triton_target.NS}, d {triton_target.DS} "
+        f"registers <= {triton_target.MAX_REGISTERS}. Shapes: N {triton_target.NS} (the greedy and kernel rows "
+        f"also {tuple(n for n in triton_target.GREEDY_NS if n not in triton_target.NS)}), d {triton_target.DS} "
         "(plus a transposed view and an odd d), fp16 / bf16 / fp32, feature and token normalisation, with and "
         "without valid masks, ragged budgets, full and lazy kernel rows; one row per distinct specialisation.",
         "",
         "Violations: " + ("none." if not problems else "\n\n- " + "\n- ".join(problems)),
+        "",
         "",
     ]
     return "\n".join(head) + common.markdown_table(rows, COLUMNS, HEADERS) + "\n"
