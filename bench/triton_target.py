@@ -233,6 +233,8 @@ def run(archs: Sequence[int] = ARCHS, python: str = sys.executable, timeout: flo
                 q.kill()
             raise
         if p.returncode:
+            for q in procs:
+                q.kill()
             raise RuntimeError(f"compiling for sm_{a} failed (exit {p.returncode}):\n{err[-6000:]}")
         rows += json.loads(out)
     return rows

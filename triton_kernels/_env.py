@@ -1,9 +1,6 @@
-"""Launch environment: whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), GEMM tiles."""
+"""Launch environment: whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), launch options."""
 
 import os
-
-GEMM_WARPS = 4  # warps of a 64x64 output tile (similarity, kernel matrix)
-
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its interpreter (on CPU tensors), read at call time."""
@@ -18,10 +15,11 @@ def warps(num_warps: int) -> dict:
     return dict(num_warps=num_warps, maxnreg=min(255, 65536 // (32 * num_warps)))
 
 
-def gemm_block_k(fp16: bool) -> int:
-    """K depth of a 64x64 GEMM tile at GEMM_WARPS warps: 32 for fp16 operands, 8 for fp32 ones
-    (deeper fp32 tiles spill under ptxas at some specialisations: bench/results/kernels.md); 64 in
-    the interpreter, where every loop step costs milliseconds."""
+def gemm_config(fp16: bool) -> dict:
+    """BLOCK_K and launch options of a 64x64 GEMM output tile: fp16 operands K 32 at 4 warps, fp32
+    operands K 16 at 8 warps (K 32 at 4 warps, and K 16 at 4 warps at some specialisations,
+    spilled under ptxas; Triton 3.6 rejects tl.dot with K < 16); K 64 in the interpreter, where
+    every loop step costs milliseconds."""
     if interpreting():
-        return 64
-    return 32 if fp16 else 8
+        return dict(BLOCK_K=64, **warps(4))
+    return dict(BLOCK_K=32, **warps(4)) if fp16 else dict(BLOCK_K=16, **warps(8))

@@ -14,8 +14,8 @@ Two ways to get the rows the greedy needs:
 
 Which one the greedy uses is decided by its cost model (:func:`.greedy.choose_strategy`).
 
-Tiles of :func:`kernel_matrix`: 64x64 outputs, GEMM_WARPS = 4 warps, K depth 8 (fp32 operands;
-deeper tiles spill under ptxas: the compile gate, bench/triton_target.py, holds it spill-free).
+Tiles of :func:`kernel_matrix`: 64x64 outputs, K depth 16 at 8 warps (fp32 operands; :func:`._env.gemm_config`;
+deeper tiles spilled under ptxas: the compile gate, bench/triton_target.py, holds it spill-free).
 
 Cost bound per image (d does not enter; H100: 3.35 TB/s HBM, 67 TFLOP/s fp32, 50 MB L2; H200:
 4.8 TB/s HBM):
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import GEMM_WARPS, gemm_block_k, warps
+from ._env import gemm_config, warps
 
 
 @triton.jit
@@ -110,8 +110,7 @@ def kernel_matrix(s: torch.Tensor, gamma: float) -> torch.Tensor:
     out = torch.empty_like(s)
     block = 64
     t = triton.cdiv(N, block)
-    _kernel_matrix_kernel[(B, t, t)](s, out, N, float(gamma), BLOCK=block, BLOCK_K=gemm_block_k(fp16=False),
-                                     **warps(GEMM_WARPS))
+    _kernel_matrix_kernel[(B, t, t)](s, out, N, float(gamma), BLOCK=block, **gemm_config(fp16=False))
     return out
 
 

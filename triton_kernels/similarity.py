@@ -20,8 +20,8 @@ not move (plain fp16 / TF32 products of the scaled features flip picks):
 - float16 input, token-wise: raw fp16 products are exact in fp32, so one fp16 dot of X X^T and the
   cosine scaling r_i r_j in the epilogue.
 
-Tiles: 64x64 outputs at GEMM_WARPS = 4 warps, K depth 32 for fp16 operands and 8 for fp32
-operands (deeper fp32 tiles spill; :func:`._env.gemm_block_k`), fixed, not autotuned (the
+Tiles: 64x64 outputs, K depth 32 at 4 warps for fp16 operands, 16 at 8 warps for fp32 operands
+(:func:`._env.gemm_config`: those spill-free), fixed, not autotuned (the
 interpreter cannot autotune more than one config). The compile gate (bench/triton_target.py)
 compiles every specialisation for sm_80 / sm_90: no stack, no spills.
 
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import GEMM_WARPS, gemm_block_k, warps
+from ._env import gemm_config, warps
 
 # Power-of-two exponents of the fp16 hi/lo scheme: |B| <= 2^(SHIFT_B + 1), |A| <= 2^(SHIFT_A - SHIFT_B).
 SHIFT_B = 13
@@ -217,12 +217,12 @@ def similarity(
     s = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
     v = valid.to(torch.uint8) if valid is not None else x.new_empty(1, 1, dtype=torch.uint8)
     block = 64
-    block_k = gemm_block_k(fp16=mode == MODE_HILO or (mode == MODE_TOKEN and x.dtype == torch.float16))
+    gemm = gemm_config(fp16=mode == MODE_HILO or (mode == MODE_TOKEN and x.dtype == torch.float16))
     t = triton.cdiv(N, block)
     _similarity_kernel[(B, t, t)](
         x, v, ca, cb, r, s, N, D, out_scale,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
         MODE=mode, X_FP16=x.dtype == torch.float16, HAS_VALID=valid is not None,
-        BLOCK=block, BLOCK_K=block_k, **warps(GEMM_WARPS),
+        BLOCK=block, **gemm,
     )
     return s
