@@ -1,7 +1,7 @@
 """`python -m bench <what> [--quick] [--out DIR]`; also reached as `otprune bench ...`.
 
-what: select | e2e | quality | exact-vs-official. `--quick` runs a small configuration (under a
-minute on a CPU) and writes <what>_quick.* files; results go to bench/results/ unless --out names
+what: select | e2e | quality | exact-vs-official | model | kernels | vllm. `--quick` runs a small
+configuration (under a minute on a CPU) and writes <what>_quick.* files; results go to bench/results/ unless --out names
 another folder. `--threads N` sets torch's CPU threads for the run (the committed CPU results hold
 runs at --threads 2 and --threads 1: on a machine shared with other jobs, multi-threaded ops stall
 on busy cores, and one thread gives the steadier ratios).
@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "quality": "bench.quality",
     "exact-vs-official": "bench.exact_vs_official",
     "model": "bench.model",
-    "kernels": "bench.kernels",
+    "kernels": "bench.kernel_resources",
     "vllm": "bench.vllm_bench",
 }
 
