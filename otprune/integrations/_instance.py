@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 
 @dataclass
@@ -45,3 +46,14 @@ def check_version(version: str, supported: tuple, what: str, tested: str) -> Non
             f"otprune: transformers {version} is not supported for {what} pruning; "
             f"supported: >= {lo}, < {hi} (tested {tested})"
         )
+
+
+def is_transformers_instance(model: Any, classes: Callable[[], tuple]) -> bool:
+    """True when ``model`` is an instance of the transformers classes ``classes()`` returns;
+    False without importing transformers when it is not loaded (no such model can exist then)."""
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        return isinstance(model, classes())
+    except ImportError:
+        return False

@@ -23,7 +23,6 @@ In both modes text tokens keep their order and kept visual tokens their original
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -31,6 +30,7 @@ import torch
 
 from ._instance import PatchState, restore
 from ._instance import check_version as _check_version
+from ._instance import is_transformers_instance
 from ._sequence import (
     Packing,
     Plan,
@@ -82,12 +82,7 @@ def _classes() -> tuple:
 
 def matches(model: Any) -> bool:
     """True for a transformers LLaVA / LLaVA-NeXT generation model (subclasses included)."""
-    if "transformers" not in sys.modules:  # such a model cannot exist without transformers loaded
-        return False
-    try:
-        return isinstance(model, _classes())
-    except ImportError:
-        return False
+    return is_transformers_instance(model, _classes)
 
 
 def installed_version() -> str:

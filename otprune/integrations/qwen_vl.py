@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import sys
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from ._instance import PatchState, restore
 from ._instance import check_version as _check_version
+from ._instance import is_transformers_instance
 from ._sequence import (
     Packing,
     Plan,
@@ -80,12 +80,7 @@ def _classes() -> tuple:
 
 def matches(model: Any) -> bool:
     """True for a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL generation model (subclasses included)."""
-    if "transformers" not in sys.modules:
-        return False
-    try:
-        return isinstance(model, _classes())
-    except ImportError:
-        return False
+    return is_transformers_instance(model, _classes)
 
 
 def installed_version() -> str:
