@@ -260,6 +260,10 @@ def test_bad_settings_rejected_before_patching(family):
         otprune.apply(model, keep=1.5)
     with pytest.raises(TypeError):
         otprune.apply(model, keep=0.25, gama=0.1)
+    with pytest.raises(ValueError, match="compat='official'.*'cpu'"):
+        otprune.apply(model, keep=0.25, compat="official", backend="cpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        otprune.apply(model, keep=0.25, backend="gpu")
     assert "generate" not in model.__dict__ and hf_llava._ATTR not in model.__dict__
 
 

@@ -30,16 +30,14 @@ def check_settings(keep: Any, select_kwargs: dict) -> None:
     builds models in one). The backend is checked by name only: a "cuda" or "triton" backend cannot
     run on that tensor, and whether it can run on the model's device is known only at call time.
     """
+    from .._validate import check_backend
     from ..api import select
-    from ..backends import BACKEND_NAMES
 
     kwargs = dict(select_kwargs)
     bad = {"lengths"} & set(kwargs)
     if bad:
         raise TypeError(f"otprune.apply: {sorted(bad)[0]!r} is set per batch by the integration")
-    backend = kwargs.pop("backend", "auto")
-    if backend != "auto" and backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    check_backend(kwargs.pop("backend", "auto"), kwargs.get("compat"))
     n = keep if isinstance(keep, int) and not isinstance(keep, bool) and keep > 1 else 4
     with torch.device("cpu"):
         select(torch.rand(n, 4, generator=torch.Generator().manual_seed(0)), keep, backend="torch", **kwargs)
