@@ -148,6 +148,20 @@ __device__ __forceinline__ T lazy_row_entry(const T* __restrict__ S, int n, int 
   return acc * gamma;
 }
 
+// diag(L)[i] = 1 + G[i, i] (full: src is G), or 1 + gamma * ||S_i||^2 summed down column i of S
+// (= row i; coalesced across threads), in the C++ CPU path's order.
+template <typename T>
+__device__ __forceinline__ T initial_residual(const T* __restrict__ S, int n, int i, bool full, T gamma) {
+  if (full) return S[static_cast<size_t>(i) * n + i] + T(1);
+  T acc = 0;
+  for (int m = 0; m < n; ++m) {
+    const T v = S[static_cast<size_t>(m) * n + i];
+    acc += v * v;
+  }
+  const T norm = sqrt(acc);
+  return norm * norm * gamma + T(1);
+}
+
 // One block per image runs the whole greedy (semantics and arithmetic: otprune/greedy.py and
 // csrc/greedy_cpu.cpp). src: (batch, n, n), the similarity S (full = false: kernel rows formed
 // per step from S) or G = gamma S S^T (full = true: row j of G read per step). RowsOnChip: the
@@ -171,21 +185,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const uint8_t* ok = valid ? valid + static_cast<size_t>(b) * n : nullptr;
   const int k = ks ? static_cast<int>(ks[b]) : k_max;
 
-  // d2 = diag(L) = 1 + G[i, i], or 1 + gamma * ||S_i||^2 summed down column i (= row i; coalesced).
+  // d2 = diag(L), -inf at invalid tokens.
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    T g;
-    if (full) {
-      g = S[static_cast<size_t>(i) * n + i];
-    } else {
-      T acc = 0;
-      for (int m = 0; m < n; ++m) {
-        const T v = S[static_cast<size_t>(m) * n + i];
-        acc += v * v;
-      }
-      const T norm = sqrt(acc);
-      g = norm * norm * gamma;
-    }
-    d2[i] = (ok && !ok[i]) ? neg_inf<T>() : g + T(1);
+    d2[i] = (ok && !ok[i]) ? neg_inf<T>() : initial_residual(S, n, i, full, gamma);
   }
   int j;
   T pivot;
@@ -277,19 +279,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   for (int x = threadIdx.x; x < count; x += blockDim.x) {  // as in greedy_kernel
     const int i = lo + x;
-    T g;
-    if (full) {
-      g = S[static_cast<size_t>(i) * n + i];
-    } else {
-      T acc = 0;
-      for (int m = 0; m < n; ++m) {
-        const T v = S[static_cast<size_t>(m) * n + i];
-        acc += v * v;
-      }
-      const T norm = sqrt(acc);
-      g = norm * norm * gamma;
-    }
-    d2[x] = (ok && !ok[i]) ? neg_inf<T>() : g + T(1);
+    d2[x] = (ok && !ok[i]) ? neg_inf<T>() : initial_residual(S, n, i, full, gamma);
   }
   int j;
   T pivot;
