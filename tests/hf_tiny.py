@@ -25,10 +25,16 @@ VOCAB_SIZE = 64  # the language model's vocabulary (>= tokenizer vocabulary)
 
 
 def _tokenizer():
+    return word_tokenizer(SPECIALS, WORDS, [IMAGE_TOKEN])
+
+
+def word_tokenizer(specials, words, extra_specials):
+    """A left-padding word-level fast tokenizer over ``specials + words`` (pad / bos / eos / unk
+    first), with ``extra_specials`` (image / vision tokens) registered as special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(WORDS))}
+    vocab = {tok: i for i, tok in enumerate(tuple(specials) + tuple(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     out = PreTrainedTokenizerFast(
@@ -40,7 +46,7 @@ def _tokenizer():
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
-    out.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    out.add_special_tokens({"additional_special_tokens": list(extra_specials)})
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from hf_tiny import _image_processor, tiny_images
+from hf_tiny import _image_processor, tiny_images, word_tokenizer
 from otprune.integrations.run_cli import QwenImageProcessor
 
 VISION = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
@@ -30,23 +30,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    out.add_special_tokens({"additional_special_tokens": list(VISION)})
-    return out
+    return word_tokenizer(SPECIALS, WORDS, VISION)
 
 
 def _ids(tokenizer) -> dict:
