@@ -162,29 +162,6 @@ def check_same_order(x: torch.Tensor, a, b, acc_dtype: torch.dtype, normalize: s
     return False
 
 
-# The environment route's settings tests (tests/test_env_route*.py): non-default settings through
-# the variables, and the same settings given to otprune.apply.
-ROUTE_CASES = [
-    ({"OTPRUNE_GAMMA": "0.5", "OTPRUNE_NORMALIZE": "token", "OTPRUNE_BACKEND": "torch"},
-     {"gamma": 0.5, "normalize": "token", "backend": "torch"}),
-    ({"OTPRUNE_COMPAT": "official", "OTPRUNE_GAMMA": "0.2"}, {"compat": "official", "gamma": 0.2}),
-]
-
-
-def check_route_report(report: list, cases: list) -> None:
-    """Per case of ``cases``: the route's selects (settings and picks) and outputs equal
-    otprune.apply's with the same settings; the first case's settings change the picks against
-    the defaults (so a dropped setting shows). ``report``: per case, {"route", "api", "default":
-    [{"kwargs", "picks"}] of every batched select, "same_output": bool}."""
-    assert len(report) == len(cases)
-    for rep, (_env, kwargs) in zip(report, cases):
-        assert rep["route"], "the route never selected"
-        assert [c["kwargs"] for c in rep["route"]] == [kwargs] * len(rep["route"])
-        assert rep["route"] == rep["api"]
-        assert rep["same_output"]
-    assert [c["picks"] for c in report[0]["route"]] != [c["picks"] for c in report[0]["default"]]
-
-
 def quiet_select(*args, **kwargs):
     """otprune.select without the one-time backend fallback warning."""
     import otprune

@@ -13,15 +13,14 @@ from importlib import metadata
 
 import pytest
 
-from helpers import ROUTE_CASES, check_route_report, require_module  # noqa: E402
+from helpers import require_module  # noqa: E402
+from route_settings import PTH, ROOT, check_route_report, clean_env, run_route_settings  # noqa: E402
 
 require_module("llava.model.language_model.llava_llama", "the llava package (llava-torch)")
 
 import otprune  # noqa: E402
 from otprune.autopatch import Settings, patch_llava, settings_from_env, unpatch_llava  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PTH = os.path.join(ROOT, "otprune_autopatch.pth")
 TEXT = (10, 13)  # text tokens of the two prompt rows of llava_tiny.row_ids(2) / row_ids(2, extra=3)
 N = 64  # visual tokens per image of tiny_llava15
 
@@ -52,14 +51,6 @@ print("REPORT " + json.dumps(report))
 RELEASE = {"BASELINE": "OURS", "LAYER_INDEX": "0", "SUBSET_RATIO": "0.25"}
 
 
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OTPRUNE_") and k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
 def _start(env):
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, PTH, os.path.join(ROOT, "tests")],
@@ -75,7 +66,7 @@ def _report(proc):
 
 
 def test_release_variables_prune_in_every_process():
-    procs = [_start(_clean_env(**RELEASE)) for _ in range(2)]  # like two accelerate processes
+    procs = [_start(clean_env(**RELEASE)) for _ in range(2)]  # like two accelerate processes
     for rep in map(_report, procs):
         assert not rep["torch_at_start"]  # the .pth imports nothing heavy, even when on
         assert rep["hook_loaded"] and rep["class_patched"]
@@ -84,72 +75,35 @@ def test_release_variables_prune_in_every_process():
 
 
 def test_unset_variables_change_nothing():
-    rep = _report(_start(_clean_env(OTPRUNE_SKIP_EXT="1")))  # an unrelated OTPRUNE_ variable
+    rep = _report(_start(clean_env(OTPRUNE_SKIP_EXT="1")))  # an unrelated OTPRUNE_ variable
     assert not rep["torch_at_start"] and not rep["hook_loaded"] and not rep["class_patched"]
     assert rep["lm"] == [t + 2 * N for t in TEXT]
 
 
 def test_otprune_variables_layer_inside_language_model():
-    env = _clean_env(OTPRUNE_KEEP="8", OTPRUNE_LAYER="1", OTPRUNE_BACKEND="torch", OTPRUNE_GAMMA="0.02")
+    env = clean_env(OTPRUNE_KEEP="8", OTPRUNE_LAYER="1", OTPRUNE_BACKEND="torch", OTPRUNE_GAMMA="0.02")
     rep = _report(_start(env))
     assert rep["lm"] == [t + 2 * N for t in TEXT]  # layer 0 sees every token
     assert rep["layer1"] == max(TEXT) + 2 * 8  # equal drops per row: the kept tokens only
     assert rep["steps"] == 3
 
 
-SETTINGS_SCRIPT = r"""
-import json, os, sys, tempfile
-with open(sys.argv[1]) as f:
-    exec(f.read())  # what site.py does with the .pth's line (OTPRUNE_KEEP is set: the route is on)
-sys.path.insert(0, sys.argv[2])
-import torch
-import otprune, otprune.api
+LLAVA_SETUP = r"""
+import tempfile
 from llava.model.builder import load_pretrained_model  # noqa: F401  (lmms-eval's import)
 from llava_tiny import prompt_ids, row_ids, tiny_images, tiny_llava15
-calls = []
-real = otprune.api.select
-def spy(x, keep, **kw):  # every batched select of the integration: its settings and its picks
-    out = real(x, keep, **kw)
-    if x.ndim == 3:
-        calls.append({"kwargs": {k: v for k, v in kw.items() if k != "lengths"}, "picks": out.tolist()})
-    return out
-otprune.api.select = spy
-def run(model):
-    calls.clear()
+def build():
+    return tiny_llava15(tempfile.mkdtemp())
+def generate(model, **kw):
     images, sizes = tiny_images(model, 4)
     ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
-    out = model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, max_new_tokens=3,
-                         do_sample=False, return_dict_in_generate=True, output_scores=True)
-    return list(calls), out
-report = []
-for env, kwargs in json.loads(sys.argv[3]):
-    os.environ.update(env)  # the route reads the variables when a model is constructed
-    model = tiny_llava15(tempfile.mkdtemp())
-    for name in env:
-        del os.environ[name]
-    route_calls, route_out = run(model)
-    otprune.revert(model)
-    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]), **kwargs)
-    api_calls, api_out = run(model)
-    otprune.revert(model)
-    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]))
-    default_calls, _ = run(model)
-    report.append({
-        "route": route_calls, "api": api_calls, "default": default_calls,
-        "same_output": torch.equal(route_out.sequences, api_out.sequences)
-        and all(torch.equal(a, b) for a, b in zip(route_out.scores, api_out.scores)),
-    })
-print("REPORT " + json.dumps(report))
+    return model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, **kw)
 """
+
 
 def test_route_settings_equal_apply_settings():
     """Non-default gamma, normalisation, backend and compat="official" through the variables."""
-    env = _clean_env(OTPRUNE_KEEP="0.25")
-    proc = subprocess.run([sys.executable, "-c", SETTINGS_SCRIPT, PTH, os.path.join(ROOT, "tests"),
-                           json.dumps(ROUTE_CASES)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")][-1]
-    check_route_report(json.loads(line[len("REPORT "):]), ROUTE_CASES)
+    check_route_report(run_route_settings(LLAVA_SETUP))
 
 
 def test_settings_from_env():
@@ -321,7 +275,7 @@ def test_accelerate_multi_process_launch(tmp_path):
         pytest.skip("the installed otprune has no otprune_autopatch.pth (reinstall it)")
     script = tmp_path / "job.py"
     script.write_text(ACCELERATE_SCRIPT)
-    env = _clean_env(**RELEASE)
+    env = clean_env(**RELEASE)
     env.pop("PYTHONPATH")  # the installed package and its .pth only, as a user's launch sees them
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,12 +14,10 @@ import sys
 
 import pytest
 
-from helpers import ROUTE_CASES, check_route_report, require_module  # noqa: E402
+from helpers import require_module  # noqa: E402
+from route_settings import PTH, ROOT, check_route_report, clean_env, run_route_settings  # noqa: E402
 
 require_module("transformers", "transformers")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PTH = os.path.join(ROOT, "otprune_autopatch.pth")
 
 SCRIPT = r"""
 import json, sys
@@ -65,58 +63,22 @@ print("REPORT " + json.dumps(report))
 
 
 def _run(family, ratio, **env_vars):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OTPRUNE_") and k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(env_vars)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, PTH, os.path.join(ROOT, "tests"), family, str(ratio)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=clean_env(**env_vars), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")][-1]
     return json.loads(line[len("REPORT "):])
 
 
-SETTINGS_SCRIPT = r"""
-import json, os, sys
-with open(sys.argv[1]) as f:
-    exec(f.read())  # what site.py does with the .pth's line (OTPRUNE_KEEP is set: the route is on)
-sys.path.insert(0, sys.argv[2])
-import torch
-import otprune, otprune.api
-from hf_tiny import tiny_inputs, tiny_llava, tiny_llava_next
-calls = []
-real = otprune.api.select
-def spy(x, keep, **kw):  # every batched select of the integration: its settings and its picks
-    out = real(x, keep, **kw)
-    if x.ndim == 3:
-        calls.append({"kwargs": {k: v for k, v in kw.items() if k != "lengths"}, "picks": out.tolist()})
-    return out
-otprune.api.select = spy
-def run(model, inputs):
-    calls.clear()
-    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                         output_scores=True)
-    return list(calls), out
-report = []
-for env, kwargs in json.loads(sys.argv[4]):
-    os.environ.update(env)  # the route reads the variables when a model is constructed
-    model, processor = (tiny_llava if sys.argv[3] == "llava" else tiny_llava_next)(seed=0)
-    for name in env:
-        del os.environ[name]
+HF_SETUP = r"""
+from hf_tiny import tiny_inputs, tiny_{family}
+def build():
+    global inputs
+    model, processor = tiny_{family}(seed=0)
     inputs = tiny_inputs(processor, (2, 1))
-    route_calls, route_out = run(model, inputs)
-    otprune.revert(model)
-    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]), **kwargs)
-    api_calls, api_out = run(model, inputs)
-    otprune.revert(model)
-    otprune.apply(model, keep=float(os.environ["OTPRUNE_KEEP"]))
-    default_calls, _ = run(model, inputs)
-    report.append({
-        "route": route_calls, "api": api_calls, "default": default_calls,
-        "same_output": torch.equal(route_out.sequences, api_out.sequences)
-        and all(torch.equal(a, b) for a, b in zip(route_out.scores, api_out.scores)),
-    })
-print("REPORT " + json.dumps(report))
+    return model
+def generate(model, **kw):
+    return model.generate(**inputs, **kw)
 """
 
 
@@ -124,15 +86,7 @@ print("REPORT " + json.dumps(report))
 def test_route_settings_equal_apply_settings_hf(family):
     """Non-default gamma, normalisation, backend and compat="official" through the variables give
     what otprune.apply gives with the same settings: picks and generated outputs."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OTPRUNE_") and k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OTPRUNE_KEEP"] = "0.25"
-    proc = subprocess.run([sys.executable, "-c", SETTINGS_SCRIPT, PTH, os.path.join(ROOT, "tests"), family,
-                           json.dumps(ROUTE_CASES)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")][-1]
-    check_route_report(json.loads(line[len("REPORT "):]), ROUTE_CASES)
+    check_route_report(run_route_settings(HF_SETUP.format(family=family)))
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
