@@ -10,6 +10,7 @@ variables and their meaning). Each process of a multi-process launch runs its ow
 
 import os
 import sys
+import threading
 
 TARGETS = (
     "llava.model.llava_arch",
@@ -47,13 +48,30 @@ class _Loader:
 
 
 class _Finder:
-    """A ``sys.meta_path`` finder that only answers for :data:`TARGETS`, by asking the others."""
+    """A ``sys.meta_path`` finder that only answers for :data:`TARGETS`, by asking the others.
+
+    Another finder that defers to the others (loops ``sys.meta_path`` or calls
+    ``importlib.util.find_spec``) asks this one back while it is looking a name up: that nested
+    lookup of the same name, in the same thread, gets None, so the lookup ends and the loader is
+    wrapped once.
+    """
 
     otprune_autopatch = True
 
+    def __init__(self):
+        self._local = threading.local()  # .busy: the names this thread is looking up
+
     def find_spec(self, name, path=None, target=None):
-        if name not in TARGETS:
+        busy = self._local.__dict__.setdefault("busy", set())
+        if name not in TARGETS or name in busy:
             return None
+        busy.add(name)
+        try:
+            return self._find_wrapped(name, path, target)
+        finally:
+            busy.discard(name)
+
+    def _find_wrapped(self, name, path, target):
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
