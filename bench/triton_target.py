@@ -94,7 +94,7 @@ def cases(ns: Sequence[int] = NS, ds: Sequence[int] = DS, dtypes: Sequence[str] 
     stage 1: every (N, d, dtype, normalisation, valid mask or not), plus a transposed
     (non-unit feature stride) view and an odd d; stage 2: every N with ragged budgets
     (k = round(0.098 N) and half that) and a valid mask or none, both kernel-row forms, also at the
-    smaller N of GREEDY_NS; kernel_rows.
+    smaller N of GREEDY_NS; kernel_rows; kernel_matrix as G (split-fp16, no identity) and in ieee.
     """
     for n in ns:
         for d in ds:
@@ -111,6 +111,9 @@ def cases(ns: Sequence[int] = NS, ds: Sequence[int] = DS, dtypes: Sequence[str] 
             for masked in (False, True):
                 yield "greedy", dict(n=n, k=max(1, round(0.098 * n)), strategy=strategy, masked=masked)
         yield "kernel_rows", dict(n=n, m=max(1, round(0.098 * n)))
+    for n in ns:  # the cuda backend's G (the greedy's "full" form above compiles split-fp16 L)
+        yield "kernel_matrix", dict(n=n, identity=False, precision="split-fp16")
+        yield "kernel_matrix", dict(n=n, identity=True, precision="ieee")
 
 
 def _call(what: str, c: dict) -> None:
@@ -135,6 +138,8 @@ def _call(what: str, c: dict) -> None:
         k = c["k"]
         ks = [k, max(1, k // 2)]
         tk.greedy(s, ks, GAMMA, valid, strategy=c["strategy"])
+    elif what == "kernel_matrix":
+        tk.kernel_matrix(torch.zeros(2, n, n), GAMMA, identity=c["identity"], precision=c["precision"])
     else:
         s = torch.zeros(2, n, n)
         rows = torch.zeros(2, c["m"], dtype=torch.int64)

@@ -5,9 +5,11 @@
 // (tests/test_cuda_sources.py); no GPU has run it.
 //
 // Design, per image (N tokens, k picks, S the (N, N) fp32 similarity):
-// - Kernel rows: "full" form when G = gamma S S^T fits memory: one fp32 GEMM (cuBLAS through torch,
-//   TF32 off), then step t reads row j of G (N x 4 bytes) instead of forming it from S (N^2 x 4
-//   bytes); the "lazy" form (row formed from S per step) stays for when G does not fit.
+// - Kernel rows: "full" form when G = gamma S S^T fits memory: one GEMM before this launch (the
+//   caller's: otprune/backends/cuda_ext.py takes the Triton split-fp16 tensor-core triangle GEMM,
+//   or cuBLAS fp32 with TF32 off for float64 / without Triton), then step t reads row j of G
+//   (N x 4 bytes) instead of forming it from S (N^2 x 4 bytes); the "lazy" form (row formed from S
+//   per step) stays for when G does not fit.
 // - Cholesky rows (k - 1 rows of N) in shared memory while they fit one block's opt-in limit
 //   (cudaFuncSetAttribute; N = 576, k = 56: 129 KB). Otherwise, on sm_90 while the batch's
 //   clusters fit the SMs at once, the image is split over a cluster of 2-16 blocks, each holding its
@@ -30,7 +32,9 @@
 // cluster step (a cluster barrier and a distributed-shared-memory read more). H200: 4.8 TB/s HBM,
 // same compute, SMs and L2; no term below is HBM-bound, so its bounds equal H100's.
 //                              N = 576, k = 56            N = 2880, k = 282
-//   GEMM G (2 N^3 FLOP, fp32)  0.38 GFLOP -> 5.7 us       47.8 GFLOP -> 0.71 ms
+//   GEMM G, split-fp16 (3 x 2 N^3 FLOP over the upper block triangle, tensor cores; the caller's)
+//                              0.64 GFLOP -> 0.6 us       73 GFLOP -> 74 us
+//     (fp32 cuBLAS fallback)   0.38 GFLOP -> 5.7 us       47.8 GFLOP -> 0.71 ms
 //     bytes (read S, write G)  2.7 MB -> 0.8 us           66 MB -> 20 us
 //   kernel rows read (k N 4 B) 0.13 MB                    3.2 MB
 //   Cholesky traffic (k^2/2 N 4 B)
@@ -39,21 +43,18 @@
 //   dependent steps (k - 1)    55 -> 55 us                281 -> 0.28 ms (block), 0.42-0.56 ms
 //                                                         (cluster)
 //   lazy form instead of G     1.3 MB of S per step via one SM -> 0.66 ms; 33 MB -> 85 ms
-// Lower bound of this file's part (otprune/cost_model.py, backend "cuda", phases "kernel rows" and
-// "greedy": the GEMM on all SMs (cuBLAS splits K; unsplit, a lone 576^3 GEMM would fill ~20 SMs),
-// then the greedy's largest traffic term plus its dependent steps, 1 us per kernel; the batch's
-// blocks or clusters run concurrently, so only the GEMM grows with B):
-//   N = 576:  B = 1: 8 + (14 + 55) = ~78 us;  B = 8: 48 + 70 = ~118 us;  B = 32: 185 + 70 = ~255 us.
-//   N = 2880: B = 1: 0.72 + (0.11 + 0.42) = ~1.25 ms (cluster of 16); B = 8: 5.7 + 0.54 = ~6.2 ms
-//             (8 x 16 = 128 SMs); B = 32: 32 clusters do not fit at once, one block per image with
-//             the rows in L2/HBM: 22.8 + 4.6 = ~27 ms.
-// The whole select call (bench/results/model.md) adds the input check, the torch fp32 similarity
-// GEMM (50 us at N = 576, 1.0 ms at N = 2880, B = 1) and the sort: 142 us and 2.3 ms at B = 1,
-// missing 100 us and 1 ms. Meeting them needs the similarity and G from tensor cores with an
-// fp32-accurate split (design cuda-tc-similarity-tc-rows; not done: its exactness has to be shown
-// first). Not modelled: whether the GPU can co-schedule a 16-block cluster with 200 KB of shared
-// memory per block (the launcher asks cudaOccupancyMaxActiveClusters and falls back to one block
-// per image if not).
+// Lower bound of this launch (otprune/cost_model.py, backend "cuda", phase "greedy": the greedy's
+// largest traffic term plus its dependent steps and 1 us for the kernel; the batch's blocks or
+// clusters run concurrently, so it does not grow with B while they fit the SMs at once):
+//   N = 576:  ~70 us at B = 1, 8 and 32 (14 us of shared-memory traffic + 55 steps).
+//   N = 2880: B = 1 and 8: 0.11 + 0.42 = ~0.54 ms (a cluster of 16 per image, 128 SMs at B = 8);
+//             B = 32: 32 clusters do not fit at once, one block per image with the rows in L2/HBM:
+//             ~4.6 ms.
+// The whole select call (bench/results/model.md) adds the input check, the Triton similarity, G and
+// the sort: 99 us at N = 576 and 0.76 ms at N = 2880 (B = 1), within 100 us and 1 ms in the model;
+// with the fp32 fallback 140 us and 2.3 ms. Not modelled: whether the GPU can co-schedule a
+// 16-block cluster with 200 KB of shared memory per block (the launcher asks
+// cudaOccupancyMaxActiveClusters and falls back to one block per image if not).
 #include "greedy_cuda.h"
 
 #include <climits>

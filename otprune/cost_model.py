@@ -29,8 +29,10 @@ Figures (:data:`H100`, :data:`H200`, :data:`LATENCY`; vendor peaks, the rest sta
 - select's glue (:data:`SELECT_HOST_SYNCS`): one host synchronisation per call, the input check
   (tests/test_host_sync.py holds select to it).
 
-Only the fp16 GEMMs use tensor cores: exact mode keeps fp32-level products, so an fp32 GEMM (cuBLAS
-``sgemm`` through torch, Triton ``input_precision="ieee"``) runs at the fp32 SIMT rate. The public
+Tensor cores run only fp16 products that keep fp32-level accuracy: the Triton similarity's hi/lo
+split of fp16 input and the Triton kernel matrix's split-fp16 G (three products). Every other fp32
+GEMM (cuBLAS ``sgemm`` through torch with TF32 off, Triton ``input_precision="ieee"``) runs at the
+fp32 SIMT rate. The public
 release's loop (:func:`estimate` with backend ``"official"``) is modelled with the same figures.
 
 The ``cuda`` backend is modelled on the launch its code makes (:func:`cuda_launch_plan`, transcribed
@@ -205,6 +207,13 @@ def _tiles(n: int, tile: int, triangle: bool) -> Tuple[int, float]:
     return (t * (t + 1) // 2, (t + 1) / (2 * t)) if triangle else (t * t, 1.0)
 
 
+def triton_gemm_block(batch: int, n: int, fp16: bool, gpu: Gpu) -> int:
+    """The Triton triangle GEMMs' tile edge (otprune/triton_kernels/_env.py gemm_block, transcribed;
+    a test keeps them equal): 128 for fp16 operands while the batch's 128-tiles cover the SMs, else 64."""
+    t = -(-n // 128)
+    return 128 if fp16 and batch * t * (t + 1) // 2 >= gpu.sms else 64
+
+
 # Host synchronisations of one select call outside the greedy (its input check).
 SELECT_HOST_SYNCS = 1
 
@@ -216,7 +225,7 @@ def _validation(shape: Shape) -> Phase:
                  host_syncs=SELECT_HOST_SYNCS)
 
 
-def _similarity_torch(shape: Shape) -> Phase:
+def _similarity_torch(shape: Shape, gpu: Gpu) -> Phase:
     """otprune.kernel.similarity on a GPU: normalise in the accumulation dtype (8 elementwise /
     reduction ops, ~4 passes over the upcast copy), then one full batched cuBLAS GEMM (no tensor
     cores; split-K lets it fill every SM)."""
@@ -228,42 +237,49 @@ def _similarity_torch(shape: Shape) -> Phase:
                  flops=2.0 * B * N * N * d, unit=unit, kernels=9, host_ops=9)
 
 
-def _similarity_triton(shape: Shape) -> Phase:
-    """otprune.triton_kernels.similarity: column sums of squares, ~12 small torch ops on (B, d)
-    scales (fp16: the hi/lo exponents), one 64 x 64-tile GEMM over the upper block triangle (no
-    split-K: its tiles bound the SMs it uses); fp16 input: two fp16 tensor-core products (hi + lo
-    split), other dtypes: fp32 (ieee) products."""
+def _similarity_triton(shape: Shape, gpu: Gpu) -> Phase:
+    """otprune.triton_kernels.similarity: the scales kernel (column sums of squares and the operand
+    scales, the fp16 split's powers of two included), then one 64 x 64-tile GEMM over the upper block
+    triangle (no split-K: its tiles bound the SMs it uses; each tile reads its 2 x tile rows of X
+    from L2; tiles of 64 or 128, :func:`triton_gemm_block`); fp16 input: two fp16 tensor-core
+    products (hi + lo split), other dtypes: fp32 (ieee) products. Host: 2 launches and 4
+    allocations (mask or placeholder, two scale vectors, S)."""
     B, N, d = shape.B, shape.N, shape.d
-    tiles, share = _tiles(N, 64, triangle=True)
     fp16 = shape.dtype == "float16"
+    tile = triton_gemm_block(B, N, fp16, gpu)
+    tiles, share = _tiles(N, tile, triangle=True)
     flops = (2 if fp16 else 1) * 2.0 * B * N * N * d * share
-    return Phase("similarity (Triton: fused normalisation, triangle GEMM)",
-                 hbm_bytes=2 * B * N * d * _ITEMSIZE[shape.dtype] + B * N * N * F32,
-                 flops=flops, unit="fp16_tc" if fp16 else "fp32", sms=B * tiles, kernels=14, host_ops=16)
-
-
-def _similarity_fused(shape: Shape) -> Phase:
-    """Designed stage 1 (not implemented): the Triton similarity GEMM with its scale computation
-    fused into the sum-of-squares kernel (2 kernels, 3 host ops)."""
-    return replace(_similarity_triton(shape), name="similarity (fused normalisation, triangle GEMM)",
-                   kernels=2, host_ops=3)
+    item = _ITEMSIZE[shape.dtype]
+    return Phase(f"similarity (Triton: fused normalisation, triangle GEMM, {tile}-tiles)",
+                 hbm_bytes=2 * B * N * d * item + B * N * N * F32, l2_bytes=B * tiles * 2 * tile * d * item,
+                 flops=flops, unit="fp16_tc" if fp16 else "fp32", sms=B * tiles, kernels=2, host_ops=6)
 
 
 def _rows_gemm(shape: Shape, unit: str, tile: Optional[int], triangle: bool, products: int, what: str,
                elem: int = F32) -> Phase:
     """G = gamma S S^T precomputed: read S, write G (B N^2 elem-byte values each), 2 N^3 FLOPs per
-    product. tile: output tile edge of a kernel without split-K (its tiles bound the SMs it uses);
-    None for cuBLAS, which splits K to fill every SM."""
+    product. tile: output tile edge of a kernel without split-K (its tiles bound the SMs it uses;
+    each tile reads its 2 x tile rows of S from L2); None for cuBLAS, which splits K to fill every
+    SM."""
     B, N = shape.B, shape.N
     tiles, share = _tiles(N, tile or 1, triangle)
     return Phase(f"kernel rows: G = gamma S S^T ({what})", hbm_bytes=2 * B * N * N * elem,
+                 l2_bytes=B * tiles * 2 * tile * N * elem if tile else 0.0,
                  flops=products * 2.0 * B * N ** 3 * share, unit=unit, sms=B * tiles if tile else None,
                  kernels=2, host_ops=2)
 
 
+def _rows_split(shape: Shape, gpu: Gpu) -> Phase:
+    """G by otprune.triton_kernels.kernel_matrix: three split-fp16 tensor-core products over the
+    upper block triangle, tiles of :func:`triton_gemm_block`."""
+    tile = triton_gemm_block(shape.B, shape.N, True, gpu)
+    return _rows_gemm(shape, "fp16_tc", tile, True, 3, f"Triton split-fp16 tensor-core triangle GEMM, {tile}-tiles")
+
+
 def _sort(shape: Shape) -> Phase:
-    """sort_picks: where, sort, where on (B, k) int64."""
-    return Phase("sort picks", hbm_bytes=3 * 2 * shape.B * shape.k * 8, kernels=3, host_ops=3)
+    """The output sort on (B, k) int64: one sort (no lengths, as in every modelled shape; with
+    lengths, sort_picks' where, sort, where)."""
+    return Phase("sort picks", hbm_bytes=2 * shape.B * shape.k * 8, kernels=1, host_ops=1)
 
 
 def _c_traffic(shape: Shape) -> float:
@@ -493,23 +509,22 @@ def _cuda_design(stage1: str, g_unit: str) -> Callable[[Shape, Gpu, Latency], Li
     """Builder of a cuda-backend design: select's check, a similarity, G if the rows are "full",
     the greedy launched as :func:`cuda_launch_plan` says, the sort.
 
-    stage1: "torch" (otprune.kernel.similarity), "triton" (the triton backend's similarity as it
-    is) or "fused" (that similarity with its scale ops fused into its sum-of-squares kernel).
-    g_unit: "fp32" (cuBLAS GEMM through torch, TF32 off) or "fp16_tc" (split-fp16 tensor-core
-    GEMM with fp32-level products, as the Triton similarity does it). float64 input keeps the torch
+    stage1: "torch" (otprune.kernel.similarity) or "triton" (otprune.triton_kernels.similarity).
+    g_unit: "fp32" (cuBLAS GEMM through torch, TF32 off) or "fp16_tc" (the Triton split-fp16
+    tensor-core triangle GEMM, otprune.triton_kernels.kernel_matrix). float64 input keeps the torch
     similarity and an fp64 G whatever they say.
     """
-    stages = {"torch": _similarity_torch, "triton": _similarity_triton, "fused": _similarity_fused}
+    stages = {"torch": _similarity_torch, "triton": _similarity_triton}
 
     def build(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
         elem, unit = _acc(shape)
         rows = _cuda_rows(shape)
         plan = cuda_launch_plan(shape.B, shape.N, shape.k, elem, gpu)
         stage = _similarity_torch if shape.dtype == "float64" else stages[stage1]  # Triton's takes no float64
-        phases = [_validation(shape), stage(shape)]
+        phases = [_validation(shape), stage(shape, gpu)]
         if rows == "full":
             if g_unit == "fp16_tc" and unit == "fp32":
-                phases.append(_rows_gemm(shape, "fp16_tc", 64, True, 3, "split-fp16 tensor-core GEMM"))
+                phases.append(_rows_split(shape, gpu))
             else:
                 phases.append(_rows_gemm(shape, unit, None, False, 1, f"{unit} cuBLAS GEMM", elem=elem))
         phases += [_greedy_cuda(shape, gpu, lat, rows, plan), _sort(shape)]
@@ -520,7 +535,7 @@ def _cuda_design(stage1: str, g_unit: str) -> Callable[[Shape, Gpu, Latency], Li
 
 def _design_cuda_legacy(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
     return [("torch similarity, one block per image re-reading S",
-             [_validation(shape), _similarity_torch(shape), _greedy_legacy(shape, gpu, lat), _sort(shape)])]
+             [_validation(shape), _similarity_torch(shape, gpu), _greedy_legacy(shape, gpu, lat), _sort(shape)])]
 
 
 # The Triton greedy keeps the whole L only while B N^2 fp32 fit this many bytes
@@ -533,18 +548,18 @@ def _design_triton(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List
     budget) or rows formed in the greedy ("lazy"); its launcher picks the cheaper by a model of its
     own (choose_strategy), the same physics as here."""
     out = [("Triton similarity, rows lazy, one program per image",
-            [_validation(shape), _similarity_triton(shape), _greedy_triton(shape, gpu, lat, "lazy"), _sort(shape)])]
+            [_validation(shape), _similarity_triton(shape, gpu), _greedy_triton(shape, gpu, lat, "lazy"), _sort(shape)])]
     if F32 * shape.B * shape.N * shape.N <= TRITON_FULL_L_BUDGET_BYTES:
         out.append(("Triton similarity, full L, one program per image",
-                    [_validation(shape), _similarity_triton(shape),
-                     _rows_gemm(shape, "fp32", 64, True, 1, "Triton fp32 ieee triangle GEMM"),
+                    [_validation(shape), _similarity_triton(shape, gpu),
+                     _rows_split(shape, gpu),
                      _greedy_triton(shape, gpu, lat, "full"), _sort(shape)]))
     return out
 
 
 def _design_torch(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, List[Phase]]]:
     rows = _torch_rows(shape)
-    phases = [_validation(shape), _similarity_torch(shape)]
+    phases = [_validation(shape), _similarity_torch(shape, gpu)]
     if rows == "full":
         elem, unit = _acc(shape)
         phases.append(_rows_gemm(shape, unit, None, False, 1, f"torch {unit} GEMM", elem=elem))
@@ -561,8 +576,7 @@ def _design_official(shape: Shape, gpu: Gpu, lat: Latency) -> List[Tuple[str, Li
 DESIGNS = {
     "cuda-legacy": _design_cuda_legacy,
     "cuda-fp32-rows": _cuda_design("torch", "fp32"),
-    "cuda-tc-similarity": _cuda_design("triton", "fp32"),
-    "cuda-tc-similarity-tc-rows": _cuda_design("fused", "fp16_tc"),
+    "cuda-tc-similarity-tc-rows": _cuda_design("triton", "fp16_tc"),
     "triton": _design_triton,
     "torch": _design_torch,
     "official": _design_official,
@@ -570,16 +584,18 @@ DESIGNS = {
 # What each design is, in the code as it stands (update with the code).
 DESIGN_STATUS = {
     "cuda-legacy": "replaced: the CUDA greedy before its redesign",
-    "cuda-fp32-rows": "implemented (cuda backend)",
-    "cuda-tc-similarity": "not implemented: cuda with the triton backend's tensor-core similarity",
-    "cuda-tc-similarity-tc-rows": "not implemented: as cuda-tc-similarity, its scale ops fused, G by a "
-                                  "split-fp16 tensor-core GEMM",
+    "cuda-fp32-rows": "implemented: the cuda backend where Triton is not usable (torch similarity, fp32 "
+                      "cuBLAS G)",
+    "cuda-tc-similarity-tc-rows": "implemented (cuda backend): Triton tensor-core similarity, G by the Triton "
+                                  "split-fp16 triangle GEMM, the CUDA greedy",
     "triton": "implemented (triton backend)",
     "torch": "implemented (torch backend)",
     "official": "public loop (reference)",
 }
-# The design each GPU backend's code implements (update with the code: auto ranks by it).
-BACKEND_DESIGN = {"cuda": "cuda-fp32-rows", "triton": "triton", "torch": "torch"}
+# The design each GPU backend's code implements (update with the code: auto ranks by it). The cuda
+# backend without a usable Triton runs "cuda-fp32-rows"; then triton is unusable too, and that
+# design ranks before torch at every modelled shape as well (tests/test_cost_model.py).
+BACKEND_DESIGN = {"cuda": "cuda-tc-similarity-tc-rows", "triton": "triton", "torch": "torch"}
 GPU_BACKENDS = tuple(BACKEND_DESIGN)
 
 

@@ -11,14 +11,14 @@ bench/triton_target.py, checks N = 576 / 1001 / 2880 for sm_80 and sm_90). No ho
 synchronisation, ragged budgets and lengths per program, fp32 throughout.
 
 Rows of L, ``strategy``:
-- ``"full"``: L = I + gamma S S^T first, by :func:`.kernel_rows.kernel_matrix` (one GEMM over all
-  SMs); each step then reads row j of L (N x 4 bytes).
+- ``"full"``: L = I + gamma S S^T first, by :func:`.kernel_rows.kernel_matrix` (one split-fp16
+  tensor-core GEMM over all SMs); each step then reads row j of L (N x 4 bytes).
 - ``"lazy"``: each step forms L[j, :] = gamma S[j, :] S inside the program, streaming S (N^2 x 4
   bytes) per step; no (B, N, N) buffer. The identity term e_j touches only entry j, which is taken
   from then on and never read again, so it is left out (as in the torch greedy).
-- ``"auto"`` (:func:`choose_strategy`), by cost: full adds one GEMM of B N^3 FLOPs (upper block
-  triangle) over all SMs (fp32 ieee at 67 TFLOP/s: 3.2 us at N = 576, 0.36 ms at N = 2880 per
-  image) and saves the (k - 1) N^2 x 4 bytes per image that lazy streams through that image's SM
+- ``"auto"`` (:func:`choose_strategy`), by cost: full adds one GEMM of 3 B N^3 FLOPs (three
+  split-fp16 products over the upper block triangle) over all SMs (fp16 tensor cores at 989 TFLOP/s:
+  0.6 us at N = 576, 72 us at N = 2880 per image) and saves the (k - 1) N^2 x 4 bytes per image that lazy streams through that image's SM
   (72 MB = 0.65 ms at N = 576, k = 56; 9.4 GB = 85 ms at N = 2880, k = 282, at 110 GB/s per SM;
   with B > 132 in ceil(B / 132) waves, and never faster than B (k - 1) N^2 4 bytes at 7 TB/s of L2).
   Full is chosen when its GEMM is the cheaper: at B = 1 for every k >= 2 up to N ~ 2400, at the
@@ -59,9 +59,9 @@ BLOCK_T = 16  # rows of C (lazy: rows of S) per inner-loop iteration, whatever N
 # Columns per chunk; BLOCK_N // 64 warps (at least 4, 16 at 1024), so that a (BLOCK_T, BLOCK_N)
 # tile is at most 32 fp32 per thread: no spills (bench/results/kernels.md).
 MAX_BLOCK_N = 1024
-# H100 figures of the full/lazy rule (module docstring): fp32 SIMT FLOP/s, SM count; assumed as in
-# otprune/cost_model.py: L2 bytes/s over all SMs, bytes/s one SM pulls from L2.
-_FP32_FLOPS, _SMS, _L2_BYTES_S, _SM_BYTES_S = 67e12, 132, 7e12, 110e9
+# H100 figures of the full/lazy rule (module docstring): fp16 dense tensor-core FLOP/s, SM count;
+# assumed as in otprune/cost_model.py: L2 bytes/s over all SMs, bytes/s one SM pulls from L2.
+_FP16_TC_FLOPS, _SMS, _L2_BYTES_S, _SM_BYTES_S = 989e12, 132, 7e12, 110e9
 _STRATEGIES = ("auto", "full", "lazy")
 
 
@@ -155,7 +155,7 @@ def choose_strategy(B: int, N: int, k_max: int) -> str:
         return "lazy"
     extra = (k_max - 1) * 4.0 * N * N  # bytes lazy streams per image beyond full's row reads
     lazy_s = max(-(-B // _SMS) * extra / _SM_BYTES_S, B * extra / _L2_BYTES_S)
-    full_s = B * float(N) ** 3 / _FP32_FLOPS  # 2 N^3 FLOPs over the upper block triangle
+    full_s = B * 3.0 * float(N) ** 3 / _FP16_TC_FLOPS  # 3 split-fp16 products of 2 N^3, upper triangle
     return "full" if full_s <= lazy_s else "lazy"
 
 

@@ -3,8 +3,9 @@
 x: (B, N, d) float16 / bfloat16 / float32, any strides; valid: optional (B, N) bool (padding
 tokens are dropped from the norms and get zero rows and columns in S).
 
-Two launches: a sum-of-squares reduction (per feature column over the valid tokens, or per token),
-then the GEMM, which applies the normalisation while loading its operands (feature-wise) or in its
+Two launches and no torch arithmetic between them: the scales kernel (sums of squares per feature
+column over the valid tokens, or per token, and from them the GEMM's operand scales, the fp16
+split's powers of two included), then the GEMM, which applies the normalisation while loading its operands (feature-wise) or in its
 epilogue (token-wise). Only the upper block triangle of S is multiplied; each tile is mirrored and
 diagonal tiles are averaged with their transposes, so S is exactly symmetric (the greedy relies
 on it).
@@ -20,9 +21,10 @@ not move (plain fp16 / TF32 products of the scaled features flip picks):
 - float16 input, token-wise: raw fp16 products are exact in fp32, so one fp16 dot of X X^T and the
   cosine scaling r_i r_j in the epilogue.
 
-Tiles: 64x64 outputs, K depth 32 at 4 warps for fp16 operands, 16 at 8 warps for fp32 operands
-(:func:`._env.gemm_config`: those spill-free), fixed, not autotuned (the
-interpreter cannot autotune more than one config). The compile gate (bench/triton_target.py)
+Tiles (:func:`._env.gemm_block`, :func:`._env.gemm_config`: those spill-free): 64x64 outputs, K
+depth 32 at 4 warps for fp16 operands, 16 at 8 warps for fp32 operands; 128x128 at K 32 and 8
+warps for fp16 operands while the batch's 128-tiles still give every SM one (half the L2 operand
+traffic per FLOP). Fixed, not autotuned (the interpreter cannot autotune more than one config). The compile gate (bench/triton_target.py)
 compiles every specialisation for sm_80 / sm_90: no stack, no spills.
 
 Cost bound per image at d = 4096 (H100: 3.35 TB/s HBM, 989 TFLOP/s fp16 dense, 67 TFLOP/s fp32;
@@ -45,27 +47,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import gemm_config, warps
+from ._env import gemm_block, gemm_config, warps
 
 # Power-of-two exponents of the fp16 hi/lo scheme: |B| <= 2^(SHIFT_B + 1), |A| <= 2^(SHIFT_A - SHIFT_B).
-SHIFT_B = 13
-SHIFT_A = 27
+SHIFT_B = tl.constexpr(13)
+SHIFT_A = tl.constexpr(27)
 MODE_FP32, MODE_HILO, MODE_TOKEN = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _sumsq_kernel(
-    x_ptr, valid_ptr, out_ptr, N, D,
+def _scales_kernel(
+    x_ptr, valid_ptr, ca_ptr, cb_ptr, N, D, eps,
     sxb, sxn, sxd, svb, svn,
-    OVER_TOKENS: tl.constexpr, HAS_VALID: tl.constexpr,
+    MODE: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Sums of squares of valid tokens: per column (OVER_TOKENS, out (B, D)) or per token (out (B, N))."""
+    """The GEMM's operand scales from the sums of squares of the valid tokens, r = 1 / sqrt(sum)
+    (0 where sum <= eps): per column (MODE_FP32: ca = r; MODE_HILO: cb = the power of two
+    2^(frexp exponent of r + SHIFT_B), ca = r^2 2^SHIFT_A / cb), both (B, D); or per token
+    (MODE_TOKEN: ca = r, (B, N))."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     x_b = x_ptr + b * sxb
-    if OVER_TOKENS:
+    if MODE != 2:
         cols = p * BLOCK_D + tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -76,7 +81,15 @@ def _sumsq_kernel(
             m = rmask[:, None] & (cols < D)[None, :]
             v = tl.load(x_b + rows[:, None] * sxn + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
             acc += v * v
-        tl.store(out_ptr + b * D + cols, tl.sum(acc, axis=0), mask=cols < D)
+        sq = tl.sum(acc, axis=0)
+        r = tl.where(sq > eps, 1.0 / tl.sqrt_rn(tl.maximum(sq, eps)), 0.0)
+        if MODE == 1:
+            biased = (r.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            # frexp's exponent is biased - 126 (0 for r = 0): cb = 2^(exponent + SHIFT_B), in (r, 2r] * 2^SHIFT_B
+            cb = tl.where(r > 0, ((biased + SHIFT_B + 1) << 23).to(tl.float32, bitcast=True), 2.0**SHIFT_B)
+            tl.store(cb_ptr + b * D + cols, cb, mask=cols < D)
+            r = r * r * 2.0**SHIFT_A / cb
+        tl.store(ca_ptr + b * D + cols, r, mask=cols < D)
     else:
         rows = p * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -88,12 +101,14 @@ def _sumsq_kernel(
             m = rmask[:, None] & (cols < D)[None, :]
             v = tl.load(x_b + rows[:, None] * sxn + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
             acc += v * v
-        tl.store(out_ptr + b * N + rows, tl.sum(acc, axis=1), mask=rows < N)
+        sq = tl.sum(acc, axis=1)
+        r = tl.where(sq > eps, 1.0 / tl.sqrt_rn(tl.maximum(sq, eps)), 0.0)
+        tl.store(ca_ptr + b * N + rows, r, mask=rows < N)
 
 
 @triton.jit
 def _similarity_kernel(
-    x_ptr, valid_ptr, ca_ptr, cb_ptr, r_ptr, s_ptr, N, D, out_scale,
+    x_ptr, valid_ptr, ca_ptr, cb_ptr, s_ptr, N, D, hilo_scale,
     sxb, sxn, sxd, svb, svn,
     MODE: tl.constexpr, X_FP16: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -101,8 +116,8 @@ def _similarity_kernel(
     """One (BLOCK x BLOCK) tile (pm, pn), pm <= pn, of S for image b, stored at (pm, pn) and (pn, pm).
 
     MODE_FP32: S = (X diag(ca)) (X diag(ca))^T with exact fp32 products.
-    MODE_HILO: S = out_scale * (hi + lo)(X diag(cb))^T, hi + lo = X diag(ca) split in fp16.
-    MODE_TOKEN: S_ij = r_i r_j (X X^T)_ij.
+    MODE_HILO: S = hilo_scale * (hi + lo)(X diag(cb))^T, hi + lo = X diag(ca) split in fp16.
+    MODE_TOKEN: S_ij = r_i r_j (X X^T)_ij, r = ca.
     """
     b = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1)
@@ -142,11 +157,11 @@ def _similarity_kernel(
                 else:
                     acc = tl.dot(a.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         if MODE == 2:
-            r_m = tl.load(r_ptr + b * N + rm, mask=mm, other=0.0)
-            r_n = tl.load(r_ptr + b * N + rn, mask=mn, other=0.0)
+            r_m = tl.load(ca_ptr + b * N + rm, mask=mm, other=0.0)
+            r_n = tl.load(ca_ptr + b * N + rn, mask=mn, other=0.0)
             acc = acc * r_m[:, None] * r_n[None, :]
-        else:
-            acc = acc * out_scale
+        elif MODE == 1:
+            acc = acc * hilo_scale
         if pm == pn:
             # Rounding (and the hi/lo split) makes a diagonal tile's products differ in the last bits
             # from their transposes: average them so that S is exactly symmetric.
@@ -169,24 +184,22 @@ def _check(x: torch.Tensor, normalize: str, valid: Optional[torch.Tensor]) -> No
         raise ValueError(f"valid must be a (B, N) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
 
 
-def sum_of_squares(x: torch.Tensor, over_tokens: bool, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sums of squares of the valid tokens of (B, N, d) ``x`` in fp32: (B, d) per column when
-    ``over_tokens``, else (B, N) per token (zero for padding tokens)."""
+def _scales(x: torch.Tensor, mode: int, v: torch.Tensor, has_valid: bool, eps: float):
+    """(ca, cb) for the similarity GEMM in ``mode`` (see :func:`_scales_kernel`), fp32: (B, d) each
+    for the feature-wise modes (cb is ca for MODE_FP32), ca (B, N) and cb = ca for MODE_TOKEN. One
+    launch; a zero column or token (sum of squares <= eps) gets zero scales, never NaN.
+    v: the valid mask as uint8 (B, N), read when ``has_valid``."""
     B, N, D = x.shape
-    out = torch.empty(B, D if over_tokens else N, dtype=torch.float32, device=x.device)
-    v = valid.to(torch.uint8) if valid is not None else x.new_empty(1, 1, dtype=torch.uint8)
-    bn, bd = (32, 32) if over_tokens else (16, 64)
-    grid = (B, triton.cdiv(D, bd) if over_tokens else triton.cdiv(N, bn))
-    _sumsq_kernel[grid](
-        x, v, out, N, D, x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
-        OVER_TOKENS=over_tokens, HAS_VALID=valid is not None, BLOCK_N=bn, BLOCK_D=bd, **warps(4),
+    token = mode == MODE_TOKEN
+    ca = torch.empty(B, N if token else D, dtype=torch.float32, device=x.device)
+    cb = torch.empty_like(ca) if mode == MODE_HILO else ca
+    bn, bd = (16, 64) if token else (32, 32)
+    grid = (B, triton.cdiv(N, bn) if token else triton.cdiv(D, bd))
+    _scales_kernel[grid](
+        x, v, ca, cb, N, D, float(eps), x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
+        MODE=mode, HAS_VALID=has_valid, BLOCK_N=bn, BLOCK_D=bd, **warps(4),
     )
-    return out
-
-
-def _inv_norm(sq: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(sq), zero where sq <= eps (a zero column or token stays zero, never NaN)."""
-    return torch.where(sq > eps, sq.clamp_min(eps).rsqrt(), 0.0)
+    return ca, cb
 
 
 def similarity(
@@ -200,27 +213,19 @@ def similarity(
     """
     _check(x, normalize, valid)
     B, N, D = x.shape
-    feature = normalize == "feature"
-    sq = sum_of_squares(x, feature, valid)
-    r = _inv_norm(sq, eps)
-    ca = cb = r
-    out_scale = 1.0
-    if not feature:
+    if normalize == "token":
         mode = MODE_TOKEN
-    elif x.dtype == torch.float16:
-        mode = MODE_HILO
-        cb = torch.ldexp(torch.ones_like(r), torch.frexp(r).exponent + SHIFT_B)  # in (r, 2r] * 2^SHIFT_B
-        ca = r * r * 2.0**SHIFT_A / cb
-        out_scale = 2.0**-SHIFT_A
     else:
-        mode = MODE_FP32
-    s = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
+        mode = MODE_HILO if x.dtype == torch.float16 else MODE_FP32
     v = valid.to(torch.uint8) if valid is not None else x.new_empty(1, 1, dtype=torch.uint8)
-    block = 64
-    gemm = gemm_config(fp16=mode == MODE_HILO or (mode == MODE_TOKEN and x.dtype == torch.float16))
+    ca, cb = _scales(x, mode, v, valid is not None, eps)
+    s = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
+    fp16 = mode == MODE_HILO or (mode == MODE_TOKEN and x.dtype == torch.float16)
+    block = gemm_block(B, N, fp16, x.device)
+    gemm = gemm_config(fp16, block)
     t = triton.cdiv(N, block)
     _similarity_kernel[(B, t, t)](
-        x, v, ca, cb, r, s, N, D, out_scale,
+        x, v, ca, cb, s, N, D, 2.0**-SHIFT_A.value,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1),
         MODE=mode, X_FP16=x.dtype == torch.float16, HAS_VALID=valid is not None,
         BLOCK=block, **gemm,

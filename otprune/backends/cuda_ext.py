@@ -1,22 +1,33 @@
-"""C++/CUDA extension backend for CUDA tensors: torch similarity, one-launch greedy kernel (csrc/).
+"""C++/CUDA extension backend for CUDA tensors: tensor-core similarity and kernel rows, then the
+one-launch greedy kernel (csrc/).
 
-Kernel rows (design and cost bound: csrc/greedy_cuda.cu's header): "full" computes G = gamma S S^T
-by one fp32 GEMM (TF32 off) and the kernel reads row j of G per step; "lazy" has the kernel form
-each row from S (k passes over S per image). "auto" takes "full" unless the extra (B, N, N)
-buffer exceeds ``otprune.greedy.FULL_ROWS_MAX_BYTES``: on a GPU the GEMM costs a few microseconds
-per image at N = 576 where the lazy form streams S through one SM at every step. Untested on GPU.
+Stages (design and cost bound: docs/design.md, Performance; csrc/greedy_cuda.cu's header):
+- similarity: the Triton kernels' fused normalisation + triangle GEMM (otprune.triton_kernels:
+  two launches; fp16 input on tensor cores with the hi/lo split); float64 input, or no usable
+  Triton, takes otprune.kernel.similarity (torch, cuBLAS fp32);
+- kernel rows: "full" computes G = gamma S S^T first, by the Triton split-fp16 tensor-core triangle
+  GEMM (fp32-level products; otprune.triton_kernels.kernel_matrix) or, for float64 S or without
+  Triton, by one cuBLAS GEMM with TF32 off; the kernel then reads row j of G per step. "lazy" has
+  the kernel form each row from S (k passes over S per image). "auto" takes "full" unless the
+  extra (B, N, N) buffer exceeds ``otprune.greedy.FULL_ROWS_MAX_BYTES``: on a GPU the GEMM costs a
+  few microseconds per image at N = 576 where the lazy form streams S through one SM at every step;
+- greedy: one launch of the CUDA kernel on the current stream.
+The stages pick Triton by the tensor's device (``backends.usable("triton", ...)``), so under
+``TRITON_INTERPRET=1`` the same composition runs on CPU tensors with the C++ CPU greedy: that is
+how its numerics are tested without a GPU. Untested on GPU.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .._ext import load
 from ..greedy import FULL_ROWS_MAX_BYTES, ROWS, gamma_gram
-from ..kernel import similarity
-from . import Backend
+from ..kernel import similarity as torch_similarity
+from . import Backend, usable
 
 _C = load()  # ImportError here marks the backend unavailable, with the reason
 
@@ -41,15 +52,45 @@ def exact_gram(s: torch.Tensor, gamma: float) -> torch.Tensor:
         torch.set_float32_matmul_precision(prev)
 
 
+@lru_cache(maxsize=None)
+def _triton_usable(device_type: str) -> bool:
+    return usable("triton", device_type)[0]
+
+
+def _triton_for(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``t`` (a float32/16 tensor on a device Triton runs on; the
+    probe is read once per process and device type)."""
+    return t.dtype != torch.float64 and _triton_usable(t.device.type)
+
+
+def similarity(x: torch.Tensor, normalize: str = "feature", valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S (B, N, N), float32 (float64 for float64 x): the Triton similarity, else torch's."""
+    if _triton_for(x):
+        from .. import triton_kernels as tk
+
+        return tk.similarity(x, normalize, valid)
+    return torch_similarity(x, normalize, valid)
+
+
+def gram(s: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G = gamma * S S^T, (B, N, N) in s's dtype: the Triton split-fp16 tensor-core GEMM for float32
+    S, else cuBLAS with TF32 off (:func:`exact_gram`)."""
+    if s.dtype == torch.float32 and _triton_for(s):
+        from .. import triton_kernels as tk
+
+        return tk.kernel_matrix(s, gamma, identity=False)
+    return exact_gram(s, gamma)
+
+
 def greedy(s: torch.Tensor, ks: Sequence[int], gamma: float, valid: Optional[torch.Tensor] = None,
            rows: str = "auto") -> torch.Tensor:
     """(B, N, N) float32/float64 CUDA S -> (B, max(ks)) int64 picks in greedy order, -1 past k_b:
-    at most one GEMM, then one kernel launch on the current stream (untested on GPU)."""
+    at most one GEMM (:func:`gram`), then one kernel launch on the current stream (untested on GPU)."""
     k_t = torch.tensor(list(ks), dtype=torch.int64)
     stream = torch.cuda.current_stream(s.device).cuda_stream if s.is_cuda else 0
     square = s.ndim == 3 and s.shape[1] == s.shape[2]  # else the extension reports the bad shape
     if square and rows_strategy(s, rows) == "full":
-        return _C.greedy(exact_gram(s, gamma), k_t, float(gamma), valid, full=True, stream=stream)
+        return _C.greedy(gram(s, gamma), k_t, float(gamma), valid, full=True, stream=stream)
     return _C.greedy(s, k_t, float(gamma), valid, stream=stream)
 
 
