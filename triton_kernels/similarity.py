@@ -27,14 +27,18 @@ warps for fp16 operands while the batch's 128-tiles still give every SM one (hal
 traffic per FLOP). Fixed, not autotuned (the interpreter cannot autotune more than one config). The compile gate (bench/triton_target.py)
 compiles every specialisation for sm_80 / sm_90: no stack, no spills.
 
-Cost bound per image at d = 4096 (H100: 3.35 TB/s HBM, 989 TFLOP/s fp16 dense, 67 TFLOP/s fp32;
-H200: 4.8 TB/s HBM): bytes = X read twice (sums of squares, GEMM) + S written, 2 launches, no
-dependent steps; FLOPs = 2 N^2 d over the upper block triangle (T (T + 1) / 2 of T^2 tiles), twice
-for the fp16 hi/lo split (tensor cores), once in fp32 ieee (SIMT FMA) for fp32 / bf16 input.
-- N = 576, fp16 feature-wise: 10.8 MB (3.2 us H100, 2.2 us H200), 3.0 GFLOP fp16 (3.1 us): ~3 us.
-  fp32 input: 20 MB, 1.5 GFLOP fp32: 22 us.
-- N = 2880, fp16 feature-wise: 80 MB (24 us H100, 17 us H200), 69 GFLOP fp16: 70 us (compute-bound).
-  fp32 input: 128 MB, 35 GFLOP fp32: 0.52 ms.
+Cost bound at d = 4096 (H100: 3.35 TB/s HBM, 989 TFLOP/s fp16 dense, 67 TFLOP/s fp32; assumed as
+in otprune/cost_model.py: 7 TB/s of L2 over all SMs, 110 GB/s per SM; H200: 4.8 TB/s HBM):
+bytes = X read twice from HBM (scales, GEMM) + S written; each GEMM tile reads its 2 x tile rows of
+X from L2; 2 launches, no dependent steps; FLOPs = 2 N^2 d over the upper block triangle
+(T (T + 1) / 2 of T^2 tiles), twice for the fp16 hi/lo split (tensor cores), once in fp32 ieee
+(SIMT FMA) for fp32 / bf16 input.
+- N = 576, B = 1, fp16 feature-wise, 45 64-tiles on 45 SMs: 10.8 MB HBM (3.2 us), 47 MB of L2 tile
+  reads (9.5 us at 45 x 110 GB/s), 3.0 GFLOP fp16 (8.9 us on 45 SMs): ~10 us. fp32 input: 20 MB,
+  94 MB of L2 reads, 1.5 GFLOP fp32 (67 us on 45 SMs).
+- N = 2880, B = 1, fp16 feature-wise, 276 128-tiles: 80 MB HBM (24 us H100, 17 us H200), 0.58 GB of
+  L2 tile reads (83 us), 71 GFLOP fp16 (72 us): ~83 us, L2-bound. fp32 input: 128 MB, 35 GFLOP
+  fp32: 0.52 ms.
 Speed, and that ``input_precision="ieee"`` is honoured (the interpreter ignores it), are untested on
 GPU.
 """
