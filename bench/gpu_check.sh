@@ -41,7 +41,7 @@ for s in "${STEPS[@]}"; do [ "$s" = e2e ] || used=$((used + CAP[$s])); done
 CAP[e2e]=$((BUDGET - used))  # its guaranteed share; at run time it gets whatever is left
 OUTPUTS=(gpu_check.log select.csv select.md select.png model.md e2e.csv e2e.md e2e.png)
 # CUDA and Triton tests; test_host_sync.py holds the CUDA-graph capture of the sync-free path
-GPU_TESTS="tests/test_cuda_ext.py tests/test_triton_kernels.py tests/test_kernel_matrix.py tests/test_host_sync.py"
+GPU_TESTS="tests/test_cuda_ext.py tests/test_triton_kernels.py tests/test_triton_kernel_matrix.py tests/test_host_sync.py"
 
 sanitizer() {  # compute-sanitizer on PATH, beside nvcc, under CUDA_HOME or /usr/local/cuda*
     local c nvcc

@@ -10,7 +10,7 @@ Two ways to get the rows the greedy needs:
   brings max diag(S) (= max |S_ij| for a Gram matrix) to [2^11, 2^12), splits every element into
   fp16 hi + lo halves (about 22 significant bits) and sums three fp16 tensor-core products,
   hi hi^T + hi lo^T + lo hi^T, in fp32; the dropped lo lo^T is 2^-22 of the product. Its error is
-  about twice fp32's (tests/test_kernel_matrix.py), far under the greedy's near-tie threshold, and
+  about twice fp32's (tests/test_triton_kernel_matrix.py), far under the greedy's near-tie threshold, and
   the picks stay those of the float64 reference. "ieee": exact fp32 products (SIMT FMA).
 - :func:`kernel_rows`: only the rows L[j, :] = e_j + gamma * S[j, :] S for given j (S is
   symmetric), each a matrix-vector product over S. Computing the k chosen rows costs k N^2 reads of
