@@ -13,7 +13,8 @@ ops asynchronously, so issue and device work overlap, except at a host synchroni
 Figures (:data:`H100`, :data:`H200`, :data:`LATENCY`; vendor peaks, the rest stated assumptions):
 - H100 SXM: HBM 3.35 TB/s, fp16 dense tensor cores 989 TFLOP/s, fp32 (SIMT FMA) 67 TFLOP/s,
   fp64 67 TFLOP/s, L2 50 MB, 132 SMs, 227 KB opt-in shared memory per block. H200: HBM 4.8 TB/s,
-  the rest the same die and clocks.
+  the rest the same die and clocks. A100 SXM (:data:`A100`, for ranking on such a device): HBM
+  2.04 TB/s, fp16 312, fp32 19.5, fp64 9.7 TFLOP/s, L2 40 MB, 108 SMs, 163 KB, no clusters.
 - Assumed: L2 7 TB/s over all SMs (no vendor figure; about twice H100's HBM); one SM pulls at most
   110 GB/s from L2/HBM (64 B/clock at ~1.75 GHz) and 250 GB/s from its shared memory (128 B/clock);
   host-to-device copies of pageable memory 25 GB/s.
@@ -75,7 +76,11 @@ class Gpu:
 H100 = Gpu("H100 SXM", hbm_bw=3.35e12, l2_bw=7e12, l2_bytes=50e6, sms=132, sm_bw=110e9,
            smem_bytes=227 * 1024, smem_bw=250e9, fp16_tc=989e12, fp32=67e12, fp64=67e12, h2d_bw=25e9)
 H200 = replace(H100, name="H200", hbm_bw=4.8e12)
-GPUS = (H100, H200)
+# A100 SXM 80 GB: vendor peaks; per-SM rates scaled to its 1.41 GHz boost clock (64 B and 128 B per
+# clock, as assumed for H100), L2 assumed at twice its HBM rate; compute capability 8: no clusters.
+A100 = Gpu("A100 SXM", hbm_bw=2.039e12, l2_bw=4e12, l2_bytes=40e6, sms=108, sm_bw=90e9, smem_bytes=163 * 1024,
+           smem_bw=180e9, fp16_tc=312e12, fp32=19.5e12, fp64=9.7e12, h2d_bw=25e9, cc_major=8)
+GPUS = (H100, H200)  # the targets' GPUs: every report and verdict is for these
 
 
 @dataclass(frozen=True)
@@ -613,9 +618,10 @@ def estimate(name: str, shape: Shape, gpu: Gpu = H100, lat: Latency = LATENCY) -
 
 
 def gpu_for(device_name: str) -> Gpu:
-    """The figures used for a CUDA device name: H200's for an H200, H100's for every other GPU
-    (the ranking, not the absolute time, is what ``auto`` uses)."""
-    return H200 if "H200" in device_name.upper() else H100
+    """The figures used for a CUDA device name: an H200's, an A100's (both by name), an H100's for
+    every other GPU (the ranking, not the absolute time, is what ``auto`` uses)."""
+    name = device_name.upper()
+    return H200 if "H200" in name else A100 if "A100" in name else H100
 
 
 Measurements = Dict[Tuple[str, str, int, int, int, int, str], float]
@@ -679,6 +685,6 @@ def speedup(shape: Shape, backend: str, gpu: Gpu) -> float:
     return estimate("official", shape, gpu).seconds / estimate(backend, shape, gpu).seconds
 
 
-__all__ = ["CudaPlan", "Estimate", "Gpu", "GPUS", "GPU_BACKENDS", "H100", "H200", "LATENCY", "Latency", "Phase",
+__all__ = ["A100", "CudaPlan", "Estimate", "Gpu", "GPUS", "GPU_BACKENDS", "H100", "H200", "LATENCY", "Latency", "Phase",
            "Shape", "BACKEND_DESIGN", "DESIGN_STATUS", "DESIGNS", "cuda_block_plan", "cuda_cluster_plan",
            "cuda_launch_plan", "estimate", "gpu_for", "load_measurements", "rank", "round_budget", "speedup"]

@@ -338,3 +338,17 @@ def test_readme_shows_the_models_current_numbers():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert summary_table() in readme, "README's modelled table is stale: paste bench.model.summary_table()"
+
+
+def test_device_names_map_to_their_figures():
+    """An A100 is ranked with its own figures (no clusters, 163 KB, 108 SMs): the launch plan the
+    model assumes there is the one the launcher makes on compute capability 8."""
+    assert cm.gpu_for("NVIDIA H200") is cm.H200
+    assert cm.gpu_for("NVIDIA A100-SXM4-80GB") is cm.A100
+    assert cm.gpu_for("NVIDIA H100 80GB HBM3") is cm.H100 and cm.gpu_for("") is cm.H100
+    shape = cm.Shape(1, 2880, 4096, 282)
+    assert cm.cuda_launch_plan(1, 2880, 282, 4, cm.H100).cluster > 1
+    plan = cm.cuda_launch_plan(1, 2880, 282, 4, cm.A100)
+    assert plan.cluster == 1 and not plan.rows_on_chip and plan.smem_bytes <= cm.A100.smem_bytes
+    assert "global memory" in cm.estimate("cuda", shape, cm.A100).design
+    assert cm.estimate("cuda", shape, cm.A100).seconds > cm.estimate("cuda", shape, cm.H100).seconds
