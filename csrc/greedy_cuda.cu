@@ -134,19 +134,15 @@ cudaError_t greedy_cuda(const T* src, bool full, const int64_t* ks, const uint8_
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   const size_t limit = static_cast<size_t>(smem_optin);
-  const detail::GreedyPlan plan = detail::greedy_plan(n, k_max, sizeof(T), limit);
-  // Rows that do not fit one block's shared memory: split each image over a cluster while the
-  // whole batch's clusters can run at once (else one block per image, rows in global memory).
-  if (!plan.rows_on_chip && major >= 9) {
-    const detail::GreedyPlan split = detail::greedy_cluster_plan(n, k_max, sizeof(T), limit, detail::kMaxCluster);
-    if (split.cluster > 0 && batch * split.cluster <= sms) {
-      err = launch_clusters(split, src, full, ks, valid, batch, static_cast<int>(n), static_cast<int>(k_max), gamma,
-                            picks, stream);
-      if (err != cudaErrorNotSupported) return err;
-    }
+  const detail::GreedyPlan plan = detail::launch_plan(batch, n, k_max, sizeof(T), limit, major, sms);
+  if (plan.cluster > 1) {
+    err = launch_clusters(plan, src, full, ks, valid, batch, static_cast<int>(n), static_cast<int>(k_max), gamma,
+                          picks, stream);
+    if (err != cudaErrorNotSupported) return err;
   }
-  return launch_blocks(plan, src, full, ks, valid, batch, static_cast<int>(n), static_cast<int>(k_max), gamma, work,
-                       picks, stream);
+  // One block per image (also the fall-back when the cluster cannot be scheduled).
+  return launch_blocks(detail::greedy_plan(n, k_max, sizeof(T), limit), src, full, ks, valid, batch,
+                       static_cast<int>(n), static_cast<int>(k_max), gamma, work, picks, stream);
 }
 
 template cudaError_t greedy_cuda<float>(const float*, bool, const int64_t*, const uint8_t*, int64_t, int64_t,

@@ -74,6 +74,21 @@ inline GreedyPlan greedy_cluster_plan(int64_t n, int64_t k_max, size_t elem, siz
   return GreedyPlan{0, 0, false, 0, 0};
 }
 
+// The launcher's choice for a batch on a device (compute capability major cc_major, sms SMs,
+// smem_limit opt-in bytes per block): one block per image with the rows in shared memory when they
+// fit; else, from sm_90 on, one cluster per image while the batch's clusters fit the SMs at once;
+// else one block per image with the rows in global memory. (At launch time a cluster that
+// cudaOccupancyMaxActiveClusters finds no room for still falls back to the block plan.)
+inline GreedyPlan launch_plan(int64_t batch, int64_t n, int64_t k_max, size_t elem, size_t smem_limit, int cc_major,
+                              int64_t sms) {
+  const GreedyPlan plan = greedy_plan(n, k_max, elem, smem_limit);
+  if (!plan.rows_on_chip && cc_major >= 9) {
+    const GreedyPlan split = greedy_cluster_plan(n, k_max, elem, smem_limit, kMaxCluster);
+    if (split.cluster > 0 && batch * split.cluster <= sms) return split;
+  }
+  return plan;
+}
+
 template <typename T>
 __device__ __forceinline__ T neg_inf();
 template <>

@@ -294,9 +294,9 @@ def _c_traffic(shape: Shape) -> float:
 
 
 # ---------------------------------------------------------------------- the CUDA launcher's plan
-# csrc/greedy_kernel.cuh (greedy_plan, greedy_cluster_plan) and csrc/greedy_cuda.cu (greedy_cuda)
-# transcribed; tests/test_cost_model.py compares them with the compiled header (tests/simt/driver.cpp
-# --plan).
+# csrc/greedy_kernel.cuh (greedy_plan, greedy_cluster_plan, launch_plan) transcribed;
+# tests/test_cost_model.py compares them with the compiled header (tests/simt/driver.cpp --plan,
+# --launch).
 
 CUDA_WARP = 32
 CUDA_MAX_THREADS = 1024
@@ -353,8 +353,9 @@ def cuda_launch_plan(batch: int, n: int, k_max: int, elem: int, gpu: Gpu) -> Cud
     """The launch the CUDA greedy makes on ``gpu`` (its opt-in shared memory, SMs, compute
     capability): one block per image with the rows in shared memory when they fit; else, from sm_90
     on, one cluster per image while batch x cluster <= SMs; else one block per image with the rows in
-    global memory. Not modelled: the launcher's fall-back to one block per image when
-    cudaOccupancyMaxActiveClusters finds no room for such a cluster."""
+    global memory (csrc/greedy_kernel.cuh launch_plan; tests/test_cost_model.py compares the two
+    through the compiled header). Not modelled: the launcher's fall-back to one block per image
+    when cudaOccupancyMaxActiveClusters finds no room for such a cluster."""
     plan = cuda_block_plan(n, k_max, elem, gpu.smem_bytes)
     if not plan.rows_on_chip and gpu.cc_major >= 9:
         split = cuda_cluster_plan(n, k_max, elem, gpu.smem_bytes)

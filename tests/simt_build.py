@@ -57,6 +57,17 @@ def launch_plan(driver: Path, n: int, k_max: int, elem: int, smem_limit: int,
                 max_cluster: int = 0) -> Tuple[int, int, bool, int, int]:
     """(threads, dynamic shared memory bytes, rows on chip, cluster, slice) of csrc/greedy_kernel.cuh's
     greedy_plan (max_cluster 0) or greedy_cluster_plan."""
-    out = subprocess.run([str(driver), "--plan", str(n), str(k_max), str(elem), str(smem_limit), str(max_cluster)],
-                         capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    return _plan(driver, "--plan", n, k_max, elem, smem_limit, max_cluster)
+
+
+def launcher_choice(driver: Path, batch: int, n: int, k_max: int, elem: int, smem_limit: int, cc_major: int,
+                    sms: int) -> Tuple[int, int, bool, int, int]:
+    """The same tuple for the plan the CUDA launcher chooses for a batch on such a device
+    (csrc/greedy_kernel.cuh launch_plan)."""
+    return _plan(driver, "--launch", batch, n, k_max, elem, smem_limit, cc_major, sms)
+
+
+def _plan(driver: Path, mode: str, *args: int) -> Tuple[int, int, bool, int, int]:
+    out = subprocess.run([str(driver), mode, *map(str, args)], capture_output=True, text=True, timeout=30,
+                         check=True).stdout.split()
     return int(out[0]), int(out[1]), out[2] == "1", int(out[3]), int(out[4])

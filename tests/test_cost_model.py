@@ -16,7 +16,7 @@ import torch
 
 from otprune import backends
 from otprune import cost_model as cm
-from simt_build import CXX, build_driver, launch_plan
+from simt_build import CXX, build_driver, launch_plan, launcher_choice
 
 SHAPES = [cm.Shape(B, N, d, cm.round_budget(r, N), dt)
           for B, N, d, r, dt in [(1, 576, 4096, 0.098, "float16"), (8, 576, 1024, 0.222, "float16"),
@@ -181,6 +181,17 @@ def test_cuda_plan_matches_the_compiled_header(plan_driver):
                 else:
                     got = launch_plan(plan_driver, n, k, elem, limit, max_cluster)
                     assert got == (want.threads, want.smem_bytes, True, want.cluster, want.slice), (n, k, elem)
+
+
+def test_cuda_launch_choice_matches_the_compiled_header(plan_driver):
+    """cuda_launch_plan (block, cluster or global rows, by batch and device) is the launcher's own
+    choice, csrc/greedy_kernel.cuh launch_plan, on H100-, A100- and small-GPU-like devices."""
+    small = dataclasses.replace(cm.H100, sms=20)
+    for gpu, batch, (n, k) in itertools.product((cm.H100, cm.A100, small), (1, 2, 8, 9, 32, 200),
+                                                ((576, 56), (577, 200), (1152, 113), (2880, 282), (4096, 400))):
+        want = cm.cuda_launch_plan(batch, n, k, 4, gpu)
+        got = launcher_choice(plan_driver, batch, n, k, 4, gpu.smem_bytes, gpu.cc_major, gpu.sms)
+        assert got == (want.threads, want.smem_bytes, want.rows_on_chip, want.cluster, want.slice), (gpu.name, batch, n)
 
 
 @pytest.mark.parametrize("rows", ["full", "lazy"])

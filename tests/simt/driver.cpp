@@ -9,6 +9,9 @@
 // OUT: picks (B, k_max) int64, as the CUDA launcher leaves them.
 //   driver --plan N K_MAX ELEM_BYTES SMEM_LIMIT MAX_CLUSTER
 // prints that launch plan: threads, dynamic shared memory bytes, rows on chip (0/1), cluster, slice.
+//   driver --launch B N K_MAX ELEM_BYTES SMEM_LIMIT CC_MAJOR SMS
+// prints, in the same form, the plan the CUDA launcher chooses for a batch on such a device
+// (launch_plan).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -72,6 +75,13 @@ std::vector<int64_t> run(std::ifstream& in, int64_t B, int64_t N, int64_t k_max,
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 9 && std::string(argv[1]) == "--launch") {  // B N K_MAX ELEM SMEM_LIMIT CC_MAJOR SMS
+    const otprune::detail::GreedyPlan plan = otprune::detail::launch_plan(
+        std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), static_cast<size_t>(std::atoll(argv[5])),
+        static_cast<size_t>(std::atoll(argv[6])), std::atoi(argv[7]), std::atoll(argv[8]));
+    std::printf("%d %zu %d %d %d\n", plan.threads, plan.smem_bytes, plan.rows_on_chip ? 1 : 0, plan.cluster, plan.slice);
+    return 0;
+  }
   if (argc == 7 && std::string(argv[1]) == "--plan") {
     const otprune::detail::GreedyPlan plan =
         make_plan(std::atoll(argv[2]), std::atoll(argv[3]), static_cast<size_t>(std::atoll(argv[4])),
