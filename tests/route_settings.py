@@ -24,8 +24,9 @@ ROUTE_CASES = [
     ({"OTPRUNE_COMPAT": "official", "OTPRUNE_GAMMA": "0.2"}, {"compat": "official", "gamma": 0.2}),
 ]
 
-# The child's script. {setup} defines build() -> a tiny model and generate(model, **kw) -> its
-# generate() on a fixed two-row prompt with images.
+# The child's script. {setup} defines build() -> a tiny model, generate(model, **kw) -> its
+# generate() on a fixed two-row prompt with images, and lm(model) -> the module that receives
+# inputs_embeds (the language model).
 _SCRIPT = r"""
 import json, os, sys
 with open(sys.argv[1]) as f:
@@ -34,17 +35,35 @@ sys.path.insert(0, sys.argv[2])
 import torch
 import otprune, otprune.api
 {setup}
-calls = []
+calls, feats, embeds = [], [], []
 real = otprune.api.select
 def spy(x, keep, **kw):  # every batched select of the integration: its settings and its picks
     out = real(x, keep, **kw)
     if x.ndim == 3:
         calls.append({{"kwargs": {{k: v for k, v in kw.items() if k != "lengths"}}, "picks": out.tolist()}})
+        feats.append(x)
     return out
 otprune.api.select = spy
+def record(module, args, kwargs):
+    if kwargs.get("inputs_embeds") is not None:
+        embeds.append(kwargs["inputs_embeds"])
+def fed_in_order(x, picks, seen):  # each image's picked rows of x (B, N, D), in pick order, are one run of seen (B', T, D)
+    flat = seen.reshape(-1, seen.shape[-1])
+    for rows, row in zip(x, picks):
+        kept = rows[[p for p in row if p >= 0]].to(flat.dtype)
+        starts = (flat == kept[0]).all(-1).nonzero().flatten().tolist()
+        if not any(torch.equal(flat[s:s + len(kept)], kept) for s in starts):
+            return False
+    return True
 def run(model):
-    calls.clear()
-    out = generate(model, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    calls.clear(); feats.clear(); embeds.clear()
+    handle = lm(model).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = generate(model, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    finally:
+        handle.remove()
+    for call, x in zip(calls, feats):
+        call["fed_in_order"] = fed_in_order(x, call["picks"], embeds[0])
     return list(calls), out
 report = []
 for env, kwargs in json.loads(sys.argv[3]):
@@ -90,13 +109,21 @@ def run_route_settings(setup: str) -> list:
 
 def check_route_report(report: list, cases: list = ROUTE_CASES) -> None:
     """Per case of ``cases``: the route's selects (settings and picks) and outputs equal
-    otprune.apply's with the same settings; the first case's settings change the picks against
-    the defaults (so a dropped setting shows). ``report``: per case, {"route", "api", "default":
-    [{"kwargs", "picks"}] of every batched select, "same_output": bool}."""
+    otprune.apply's with the same settings, and every image's kept features reach the language
+    model in the order of its picks (ascending, the release's order with compat="official", which
+    is not ascending for some image here); the first case's settings change the picks against the
+    defaults (so a dropped setting shows). ``report``: per case, {"route", "api", "default":
+    [{"kwargs", "picks", "fed_in_order"}] of every batched select, "same_output": bool}."""
     assert len(report) == len(cases)
     for rep, (_env, kwargs) in zip(report, cases):
         assert rep["route"], "the route never selected"
         assert [c["kwargs"] for c in rep["route"]] == [kwargs] * len(rep["route"])
         assert rep["route"] == rep["api"]
         assert rep["same_output"]
+        assert all(c["fed_in_order"] for c in rep["route"] + rep["default"]), "kept features fed out of order"
+        rows = [[p for p in row if p >= 0] for c in rep["route"] for row in c["picks"]]
+        if kwargs.get("compat") == "official":
+            assert any(r != sorted(r) for r in rows), "the release's order should differ from ascending here"
+        else:
+            assert all(r == sorted(r) for r in rows)
     assert [c["picks"] for c in report[0]["route"]] != [c["picks"] for c in report[0]["default"]]

@@ -98,6 +98,8 @@ def generate(model, **kw):
     images, sizes = tiny_images(model, 4)
     ids, mask = prompt_ids([row_ids(2), row_ids(2, extra=3)])
     return model.generate(ids, images=images, image_sizes=sizes, attention_mask=mask, **kw)
+def lm(model):
+    return model.get_model()
 """
 
 

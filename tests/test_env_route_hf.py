@@ -79,6 +79,8 @@ def build():
     return model
 def generate(model, **kw):
     return model.generate(**inputs, **kw)
+def lm(model):
+    return model.model.language_model
 """
 
 

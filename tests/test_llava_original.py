@@ -128,6 +128,27 @@ def test_forward_with_labels_builds_pruned_labels(setup):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_official_feeds_the_release_order(setup):
+    """compat="official": each image's kept features reach the language model in otprune.select's
+    order (the release's list(set()) order, unsorted for some image here), not ascending."""
+    model, images, sizes, rows, ids, mask = setup
+    full = _full_features(model, images, sizes)
+    orders = [otprune.select(f, RATIO, compat="official") for f in full]
+    assert any(not torch.equal(o, o.sort().values) for o in orders)
+    otprune.apply(model, keep=RATIO, compat="official")
+    seen, handle = _prefill_inputs(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, images=images, image_sizes=sizes)
+    finally:
+        handle.remove()
+        otprune.revert(model)
+    ref_embeds, ref_mask = _manual(model, rows, [f[o] for f, o in zip(full, orders)])
+    embeds, lm_mask = seen[0]
+    assert torch.equal(lm_mask.long(), ref_mask)
+    torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
+
+
 def test_apply_twice_then_revert_restores_exactly(setup):
     model, images, sizes, rows, ids, mask = setup
     before = dict(model.__dict__)

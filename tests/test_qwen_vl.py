@@ -78,10 +78,10 @@ def _features(model, inputs):
     return list(out.pooler_output), out
 
 
-def _expected(model, inputs, feats, keep):
-    """Hand-computed (kept indices per image, (B, T) bool mask of the prompt positions kept):
-    one otprune.select per image, image j owning the j-th run of image tokens."""
-    kept = [otprune.select(f, keep).tolist() for f in feats]
+def _expected(model, inputs, feats, keep, **select_kwargs):
+    """Hand-computed (kept indices per image, ascending, (B, T) bool mask of the prompt positions
+    kept): one otprune.select per image, image j owning the j-th run of image tokens."""
+    kept = [sorted(otprune.select(f, keep, **select_kwargs).tolist()) for f in feats]
     image_id = model.config.image_token_id
     mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     j, t = 0, 0
@@ -102,15 +102,31 @@ def _right_aligned(x, mask_b, length):
     return x[mask_b], length - int(mask_b.sum())
 
 
-def test_generate_prunes_batch(family):
+def _reversed_picks(real):
+    """``real`` select with each row's picks reversed (-1 padding kept last): an order that is not
+    ascending, as the release's list(set()) order often is at real sizes (these images are tiny)."""
+    def select(x, keep, **kw):
+        idx = real(x, keep, **kw)
+        rows = [torch.cat([r[r >= 0].flip(0), r[r < 0]]) for r in idx.reshape(-1, idx.shape[-1])]
+        return torch.stack(rows).reshape(idx.shape)
+    return select
+
+
+@pytest.mark.parametrize("select_kwargs", [{}, {"compat": "official"}], ids=["exact", "official"])
+def test_generate_prunes_batch(family, select_kwargs, monkeypatch):
+    """Under compat="official" too, the kept tokens are fed in ascending order with their own
+    positions (Qwen keeps ascending: the release's order is LLaVA's); select is made to return an
+    unsorted order there."""
     name, model, inputs = family
     feats, _ = _features(model, inputs)
     n = [f.shape[0] for f in feats]
     assert len(set(n)) > 1, "the test images should give different per-image token counts"
+    if select_kwargs:
+        monkeypatch.setattr(otprune.api, "select", _reversed_picks(otprune.api.select))
     base, seen_base = _run(model, True, **inputs)
-    kept, mask = _expected(model, inputs, feats, KEEP)
+    kept, mask = _expected(model, inputs, feats, KEEP, **select_kwargs)
 
-    otprune.apply(model, keep=KEEP)
+    otprune.apply(model, keep=KEEP, **select_kwargs)
     try:
         out, seen = _run(model, True, **inputs)
     finally:

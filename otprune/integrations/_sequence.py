@@ -51,9 +51,13 @@ def check_attention(impl: Any) -> None:
         )
 
 
-def select_kept(feats: List[torch.Tensor], keep: Any, select_kwargs: dict, sort: bool = True) -> List[torch.Tensor]:
-    """One batched select over all images [(N_j, D)]: per-image kept indices, ascending
-    (``sort=False``: in :func:`otprune.select`'s order, the release's with compat="official").
+def select_kept(
+    feats: List[torch.Tensor], keep: Any, select_kwargs: dict, release_order: bool = True
+) -> List[torch.Tensor]:
+    """One batched select over all images [(N_j, D)]: per-image kept indices (k_j,) int64, in the
+    order the language model is fed them. Ascending, except with compat="official" in
+    :func:`otprune.select`'s order (the release's ``list(set(...))`` order). A family whose
+    positions the release never defined passes ``release_order=False``: ascending in every mode.
 
     Ragged images are padded to the longest and passed with ``lengths``, so a ratio applies per image.
     """
@@ -63,9 +67,9 @@ def select_kept(feats: List[torch.Tensor], keep: Any, select_kwargs: dict, sort:
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     lengths = torch.tensor(n_tokens, device=padded.device) if len(set(n_tokens)) > 1 else None
     idx = select(padded, keep, lengths=lengths, **select_kwargs)
-    if not sort:
+    if release_order and select_kwargs.get("compat") == "official":
         return [row[row >= 0] for row in idx]
-    # Sort each row with the -1 padding last (compat="official" returns the release's order).
+    # Sort each row with the -1 padding last.
     big = torch.iinfo(idx.dtype).max
     idx = torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
     return [row[row != big] for row in idx]
@@ -210,14 +214,15 @@ def layer_hook(state: PatchState, i: int, module: Any, args: tuple, kwargs: dict
 
 
 def _prune_hidden(plan: Plan, hidden: torch.Tensor, state: PatchState) -> torch.Tensor:
-    """Select by the layer-L hidden states (B, T, D) -> the kept rows (B, L', D); fills the plan."""
+    """Select by the layer-L hidden states (B, T, D) -> the kept rows (B, L', D); fills the plan.
+    The kept rows stay in prompt order with their own positions in every mode."""
     if hidden.shape[1] != plan.is_image.shape[1] or hidden.shape[0] % plan.is_image.shape[0]:
         raise RuntimeError("otprune: the first language-model call is not the prompt's prefill")
     if hidden.shape[0] != plan.is_image.shape[0]:  # beams / num_return_sequences expand the rows
         _repeat_rows(plan, hidden.shape[0] // plan.is_image.shape[0])
     is_image = plan.is_image.to(hidden.device)
     feats = list(torch.split(hidden[is_image], plan.n_tokens))
-    kept = select_kept(feats, state.keep, state.select_kwargs)
+    kept = select_kept(feats, state.keep, state.select_kwargs, release_order=False)  # prompt order
     p = Packing.of(keep_mask(is_image, plan.n_tokens, kept))
     r, t, d, b = p.r, p.t, p.d, p.batch
     plan.gather = torch.zeros((b, p.length), dtype=torch.long, device=hidden.device)

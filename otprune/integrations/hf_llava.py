@@ -17,7 +17,9 @@ layer L > 0: decoder layers 0..L-1 see every token; the input of decoder layer L
 original rotary positions, a rebuilt 4-D mask and a KV cache that holds only them (layers < L keep
 the full prompt). Needs the "eager" or "sdpa" attention and the default dynamic cache.
 
-In both modes text tokens keep their order and kept visual tokens their original order.
+In both modes text tokens keep their order and kept visual tokens their original order, except
+that with compat="official" at layer 0 each image's kept features are fed in the release's
+``list(set(...))`` order (numbered contiguously by the 1-D RoPE, as in the release).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class Pruned:
     attention_mask: (B, L) int64.
     inputs_embeds: (B, L, D) text embeddings with the kept visual features scattered in.
     labels: (B, L) int64 or None (dropped positions removed, padding -100).
-    kept: per-image kept indices into that image's visual-token sequence, ascending.
+    kept: per-image kept indices into that image's visual-token sequence, in the order fed
+    (ascending; the release's with compat="official").
     n_tokens: per-image number of visual tokens before pruning.
     """
 

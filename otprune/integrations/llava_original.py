@@ -9,12 +9,13 @@ layer 0: the features are pruned where they are produced, before LLaVA splices t
 text, so LLaVA's own code builds the embeddings, labels, attention mask, padding and positions
 for the pruned sequence (any batch size, any number of images per prompt, no fixed prompt
 length). It runs LLaVA's function twice: once on a probe batch (one image marker per row) to get
-the final per-image sequences, once on the real prompt with the kept features in their place.
+the final per-image sequences, once on the real prompt with the kept features in their place:
+ascending, or with compat="official" in the release's ``list(set(...))`` order.
 
 layer L > 0: LLaVA builds the full sequence; decoder layers 0..L-1 see every token, the input of
-decoder layer L scores the visual tokens and layers L.. run on the kept tokens with their
-original rotary positions, a rebuilt mask and a KV cache that holds only them. Needs the "eager"
-or "sdpa" attention; labels are not supported there.
+decoder layer L scores the visual tokens and layers L.. run on the kept tokens in prompt order
+(in every mode) with their original rotary positions, a rebuilt mask and a KV cache that holds
+only them. Needs the "eager" or "sdpa" attention; labels are not supported there.
 """
 
 from __future__ import annotations

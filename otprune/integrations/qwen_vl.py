@@ -15,8 +15,11 @@ pruned with the same indices). Positions follow convention (a): the model's own 
 positions are computed for the unpruned prompt and each kept token keeps its own, text keeps its
 positions, and decoding continues after the unpruned prompt's last position (generate() extends
 the given positions by one per step; ``rope_deltas`` are shifted so that a decoding step through
-``forward`` with the cache continues likewise). ``generate`` returns the caller's original
-``input_ids`` followed by the new tokens; ``forward`` returns logits for the pruned sequence.
+``forward`` with the cache continues likewise). The kept tokens are fed in ascending order in
+every mode, compat="official" included: the release ran LLaVA only, where its ``list(set(...))``
+order decided the kept tokens' positions; here they keep their own. ``generate`` returns the
+caller's original ``input_ids`` followed by the new tokens; ``forward`` returns logits for the
+pruned sequence.
 Beam search and ``num_return_sequences`` > 1 are refused.
 
 layer L > 0 (images only): decoder layers 0..L-1 see every token; the input of decoder layer L
@@ -197,7 +200,7 @@ def prune_call(model: Any, state: PatchState, kwargs: dict, generate: bool) -> D
     with torch.no_grad():
         outputs = encode(model, kwargs)
         feats = [f for out in outputs.values() for f in out.pooler_output]
-        kept = select_kept(feats, state.keep, state.select_kwargs)
+        kept = select_kept(feats, state.keep, state.select_kwargs, release_order=False)  # see module doc
     keep = torch.ones_like(ids, dtype=torch.bool)
     pruned, j = {}, 0
     for _, _, method, token in _MODALITIES:

@@ -49,8 +49,7 @@ def kept_embeddings(embeds: Union[torch.Tensor, Sequence[torch.Tensor]], s: Sett
     position (in select's order with compat="official"); dtype and device unchanged.
     """
     feats = list(embeds)
-    sort = s.select_kwargs.get("compat") != "official"
-    kept = select_kept(feats, s.keep, s.select_kwargs, sort=sort)
+    kept = select_kept(feats, s.keep, s.select_kwargs)
     return [f[k.to(f.device)] for f, k in zip(feats, kept)]
 
 
