@@ -74,6 +74,41 @@ def test_split_keeps_what_one_fp16_product_loses():
     assert _err(tk.kernel_matrix(s, GAMMA, identity=False), want) <= G_RTOL["split-fp16"]
 
 
+def split_fp16_gram(s: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The kernel's split-fp16 G in plain torch (CPU, float32): the same per-image power-of-two
+    scale from max diag(S), the same fp16 hi/lo halves, the three products (exact in fp32, summed in
+    fp32 by three GEMMs instead of one accumulator). (B, N, N) float32, symmetrised."""
+    top = 11  # kernel_rows.SPLIT_TOP
+    biased = (torch.diagonal(s, dim1=1, dim2=2).abs().amax(1).view(torch.int32) >> 23) & 0xFF
+    e = (127 + top - biased).clamp(-60, 60).to(torch.float32)
+    a = s * torch.exp2(e).view(-1, 1, 1)
+    hi = a.half().float()
+    lo = (a - hi).half().float()
+    g = hi @ hi.transpose(1, 2) + hi @ lo.transpose(1, 2) + lo @ hi.transpose(1, 2)
+    g = g * torch.exp2(-2 * e).view(-1, 1, 1) * gamma
+    return 0.5 * (g + g.transpose(1, 2))
+
+
+def test_torch_emulation_is_the_kernel():
+    """split_fp16_gram (used below at sizes the interpreter cannot reach) computes what the kernel
+    computes, up to fp32 accumulation order."""
+    s = torch_similarity(features(130, 24, 6, b=2))
+    got = tk.kernel_matrix(s.to(DEV), GAMMA, identity=False).cpu().double()
+    emu = split_fp16_gram(s, GAMMA).double()
+    # a few fp32 ulps apart (accumulation order); dropping the lo halves would be ~1e-4 apart
+    assert float((got - emu).abs().max()) <= 1e-6 * float(emu.abs().max())
+    assert _err(emu, _reference(s, False)) <= G_RTOL["split-fp16"]
+
+
+def test_split_fp16_rows_exact_at_llava_next_size():
+    """LLaVA-NeXT's 2880 tokens, keep 0.098: the C++ greedy reading the split-fp16 G (emulated)
+    keeps the float64 greedy's picks up to near-ties."""
+    x = features(2880, 1024, 2880)
+    s = torch_similarity(x.unsqueeze(0))
+    picks = cuda_ext._C.greedy(split_fp16_gram(s, GAMMA), torch.tensor([282]), GAMMA, None, full=True, stream=0)
+    check_exact(x, picks[0].sort().values, 282, torch.float32)
+
+
 def test_zero_similarity_and_padding():
     s = torch.zeros(2, 40, 40)
     s[1, :30, :30] = torch_similarity(features(30, 8, 2, b=1))[0]
