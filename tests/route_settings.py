@@ -2,7 +2,8 @@
 tests/test_env_route_hf.py (transformers LLaVA / LLaVA-NeXT).
 
 A child process runs the ``.pth`` line exactly as ``site`` does, wraps ``otprune.api.select`` with a
-spy recording every batched select of the integration (settings and picks), and per case of
+spy recording every batched select of the integration (settings and picks, and whether each
+image's kept features reached the language model in the order of its picks), and per case of
 :data:`ROUTE_CASES` builds a tiny model with the case's variables set, then runs the same prompt
 through the route, through ``otprune.apply`` with the same settings and with the defaults.
 """
