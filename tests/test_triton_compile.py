@@ -46,8 +46,11 @@ def test_every_kernel_compiles_for_both_targets(rows):
         assert {r["kernel"] for r in got} == expected
         configs = " ".join(r["config"] for r in got)
         for needed in ("MODE=0", "MODE=1", "MODE=2", "HAS_VALID=True", "HAS_VALID=False",
-                       "FULL_L=True", "FULL_L=False", "OVER_TOKENS=True", "OVER_TOKENS=False"):
+                       "FULL_L=True", "FULL_L=False", "SPLIT=True", "SPLIT=False", "IDENTITY=True", "IDENTITY=False"):
             assert needed in configs, f"sm_{arch}: no kernel compiled with {needed}"
+        for kernel in ("_similarity_kernel", "_kernel_matrix_kernel"):  # both tile widths (N = 2880: 128)
+            blocks = {m for r in got if r["kernel"] == kernel for m in re.findall(r"\bBLOCK=(\d+)", r["config"])}
+            assert blocks == {"64", "128"}, (arch, kernel, blocks)
 
 
 def test_no_stack_no_spills_shared_and_registers_within_limits(rows):
