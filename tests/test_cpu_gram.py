@@ -50,8 +50,8 @@ def test_lower_gram_writes_only_the_lower_block_triangle():
     out = torch.full((n, n), float("nan"))
     lower_gram_(y, out)
     written = torch.zeros(n, n, dtype=torch.bool)
-    for i0, i1 in row_blocks(n):
-        written[i0:i1, :i1] = True
+    for j0, j1 in row_blocks(n):
+        written[j0:, j0:j1] = True
     assert not out[written].isnan().any() and out[~written].isnan().all()
     assert written[torch.ones(n, n, dtype=torch.bool).tril()].all()  # on and below the diagonal
     torch.testing.assert_close(out[written], (y @ y.T)[written], **TOL[torch.float32])
