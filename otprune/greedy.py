@@ -7,12 +7,16 @@ needs come one of two ways (``rows``):
 - "full": G = gamma * S S^T computed first by one symmetric GEMM, each step reads row j of G.
 Lazy reads S once per step (memory-bound, k * N^2 per image); full pays one N^3 GEMM
 (compute-bound) and then almost nothing per step, so full wins for large N or large k / N.
-:func:`kernel_rows_strategy` picks by size (measured on a 2-core x86 CPU, d = 1024, fp32, ms for
-the greedy alone, lazy / full):
-  B=8 N=576 k=56: 18 / 23     B=8 N=576 k=192: 63 / 42     B=1 N=1152 k=113: 30 / 29
-  B=4 N=1152 k=113: 76 / 85   B=1 N=2000 k=196: 143 / 113  B=1 N=2880 k=282: 476 / 271
-(The C++ path's lazy steps have since become about 3x faster with its AVX2 + FMA build, which moves
-its lazy/full crossover to larger k / N; the rule has not been re-measured on a quiet machine.)
+:func:`kernel_rows_strategy` picks by size. Re-measured on the idle 2-core x86 machine with the
+block-triangle CPU Gram (d = 1024, fp32, ms for the greedy alone, lazy / full; torch greedy, then the
+C++ path):
+  B=1 N=576 k=56:   torch 6.2 / 5.6     C++ 1.9 / 2.2  B=8 N=576 k=56:   torch 15 / 20   C++ 7 / 15
+  B=1 N=576 k=128:  torch 14 / 11       C++ 3.8 / 3.1  B=8 N=576 k=128:  torch 35 / 29   C++ 14 / 17
+  B=1 N=576 k=192:  torch 21 / 15       C++ 5.7 / 3.3  B=8 N=576 k=192:  torch 53 / 33   C++ 22 / 18
+  B=1 N=1152 k=113: torch 24 / 20       C++ 11 / 13    B=1 N=1152 k=256: torch 57 / 32   C++ 26 / 16
+The rule below (full from k / N >= 0.2 or N >= 1536) takes the faster form in most of these; it
+misses by 10-20% for the torch greedy at B=1 N=576 k=56 and B=1 N=1152 k=113, and for the C++ path
+at B=8 N=576 k=128.
 The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
 is taken from then on and never read again, so it is left out in both forms.
 The loop runs k_max - 1 steps on device tensors: no host synchronisation, no data-dependent
@@ -87,22 +91,28 @@ def greedy_picks(
     beta = 1.0 if full else gamma  # scale of the fetched row: G's rows carry gamma already
     if valid is not None:
         d2.masked_fill_(~valid, float("-inf"))
-    # Cholesky rows, step-major so that step t's rows c[t] (B, N) are one contiguous block.
+    # Cholesky rows, step-major so that step t's rows c[t] (B, N) are one contiguous block. Views
+    # made once (rows, c by image, picks rows): on CPU each view costs microseconds per step.
     c = s.new_zeros(max(k_max - 1, 1), B, N)
+    c_rows, c_by_image = c.unbind(0), c.transpose(0, 1)
     base = torch.arange(B, device=dev) * N  # flat offset of row b in the (B*N) views
     picks = torch.empty(k_max, B, dtype=torch.int64, device=dev)
-    pivot, j = d2.max(-1)
-    picks[0] = j
+    pick_rows = picks.unbind(0)
+    pivot = d2.new_empty(B)
+    torch.max(d2, -1, out=(pivot, pick_rows[0]))
+    d2_flat = d2.view(-1)
     for t in range(k_max - 1):
+        j = pick_rows[t]
         flat = base + j
         # e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) / sqrt(d2[j])
-        e = c[t].unsqueeze(1)  # (B, 1, N) view of this step's row
+        row = c_rows[t]
+        e = row.unsqueeze(1)  # (B, 1, N) view of this step's row
         if full:
-            torch.index_select(src, 0, flat, out=c[t])
+            torch.index_select(src, 0, flat, out=row)
         else:
             torch.bmm(src.index_select(0, flat).unsqueeze(1), s, out=e)
         if t:
-            prev = c[:t].transpose(0, 1)  # (B, t, N)
+            prev = c_by_image[:, :t]  # (B, t, N)
             cj = prev.gather(2, j.view(B, 1, 1).expand(B, t, 1)).transpose(1, 2)  # (B, 1, t)
             e.baddbmm_(cj, prev, beta=beta, alpha=-1.0)
         elif not full:
@@ -113,11 +123,10 @@ def greedy_picks(
             scale = torch.where(live, pivot, 1.0).rsqrt_().mul_(live)
         else:
             scale = pivot.rsqrt_()
-        c[t].mul_(scale.unsqueeze(1))
-        d2.addcmul_(c[t], c[t], value=-1.0)
-        d2.view(-1).index_fill_(0, flat, float("-inf"))
-        pivot, j = d2.max(-1)
-        picks[t + 1] = j
+        row.mul_(scale.unsqueeze(1))
+        d2.addcmul_(row, row, value=-1.0)
+        d2_flat.index_fill_(0, flat, float("-inf"))
+        torch.max(d2, -1, out=(pivot, pick_rows[t + 1]))
     picks = picks.T
     if ragged:
         k_t = torch.tensor(ks, device=dev).unsqueeze(1)
