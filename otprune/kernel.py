@@ -112,10 +112,10 @@ def symmetric_gram(y: torch.Tensor) -> torch.Tensor:
     CUDA (and any non-CPU device): one batched GEMM. CPU: image by image, only the lower block
     triangle (:func:`lower_gram_`, 7/12 of the FLOPs at N = 576), then :func:`mirror_lower_`.
     Measured on the 2-core x86 machine (MKL, float32, N = 576, medians of rounds in which no other
-    process used the CPU): the triangle's GEMMs take 98-104 ms against 121 ms for one full batched
-    GEMM at B = 8, d = 4096, 26 against 29 ms at B = 8, d = 1024 (smaller GEMMs run at a lower
-    rate, so the saving is less than the FLOPs'); the mirror adds ~1.6 ms at B = 8. Under load from
-    other processes the many smaller calls suffer more than one large one.
+    process used the CPU): the triangle's GEMMs take 84 ms against 115 ms for one full batched GEMM
+    at B = 8, d = 4096, and 21 against 29 ms at B = 8, d = 1024 (smaller GEMMs run at a lower rate,
+    so the saving is less than the FLOPs'); the mirror adds ~1.6 ms at B = 8. Under load from other
+    processes the many smaller calls suffer more than one large one.
     """
     if y.device.type != "cpu":
         return torch.matmul(y, y.transpose(-1, -2))
