@@ -1,9 +1,11 @@
-"""Launch environment: whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), launch options."""
+"""Launch environment: whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), the GEMM tile
+choice and launch options."""
 
 import functools
 import os
 
 import torch
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its interpreter (on CPU tensors), read at call time."""
