@@ -115,28 +115,35 @@ def write_report(stem: str) -> None:
 
 @common.optional_plot
 def _plot(rows: List[Dict[str, str]], path: str) -> None:
+    """p50 latency and speed-up per configuration; one line per (provider, device), so that runs on
+    several devices or thread counts are told apart (solid: the first device, dashed: the next)."""
     plt = common.pyplot()
     labels = list(dict.fromkeys(_label(r) for r in rows))
+    devices = list(dict.fromkeys(r["device"] for r in rows))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(labels) + 3), 8), sharex=True)
-    for prov in dict.fromkeys(r["provider"] for r in rows):
-        pts = [(labels.index(_label(r)), float(r["p50_ms"]), float(r["speedup_vs_official"]))
-               for r in rows if r["provider"] == prov]
+    colors = {}
+    for prov, dev in dict.fromkeys((r["provider"], r["device"]) for r in rows):
+        pts = sorted((labels.index(_label(r)), float(r["p50_ms"]), float(r["speedup_vs_official"]))
+                     for r in rows if r["provider"] == prov and r["device"] == dev)
         xs = [p[0] for p in pts]
-        a1.plot(xs, [p[1] for p in pts], "o-", label=prov)
-        a2.plot(xs, [p[2] for p in pts], "o-", label=prov)
+        style = dict(marker="o", linestyle=("-", "--", ":", "-.")[devices.index(dev) % 4],
+                     color=colors.setdefault(prov, f"C{len(colors)}"))
+        name = prov if len(devices) == 1 else f"{prov}, {dev}"
+        a1.plot(xs, [p[1] for p in pts], label=name, **style)
+        a2.plot(xs, [p[2] for p in pts], **style)
     a1.set_yscale("log")
     a1.set_ylabel("p50 latency (ms)")
     a2.set_yscale("log")
     a2.set_ylabel("speed-up vs official")
     a2.set_xticks(range(len(labels)))
     a2.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
-    a1.legend()
+    a1.legend(fontsize=7)
     a1.set_title("OTPrune selection latency per batch")
     common.save_figure(fig, path)
 
 
 def _label(r: Dict[str, str]) -> str:
-    return f"{r['device'][:12]} B{r['B']} N{r['N']} d{r['d']} r{r['ratio']} {r['dtype'].replace('float', 'fp')}"
+    return f"B{r['B']} N{r['N']} d{r['d']} r{r['ratio']} {r['dtype'].replace('float', 'fp')}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
