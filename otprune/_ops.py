@@ -74,8 +74,7 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
         picks = be.greedy(be.similarity(x, normalize, valid), ks, float(gamma), valid)
         if k_row is not None:
             picks = torch.where(torch.arange(k_max, device=x.device) < k_row.unsqueeze(1), picks, -1)
-        # Without lengths no row holds -1 padding: one sort kernel instead of sort_picks' three.
-        out = picks.sort(dim=-1).values if lens is None and k_row is None else sort_picks(picks)
+        out = sort_picks(picks, padded=lens is not None or k_row is not None)
     return F.pad(out, (0, k_max - out.shape[1]), value=-1) if out.shape[1] < k_max else out
 
 

@@ -134,8 +134,13 @@ def greedy_picks(
     return picks.contiguous()
 
 
-def sort_picks(picks: torch.Tensor) -> torch.Tensor:
-    """Sort each row's picks ascending, keeping the -1 padding at the end. (B, k) int64."""
+def sort_picks(picks: torch.Tensor, padded: bool = True) -> torch.Tensor:
+    """Sort each row's picks ascending, keeping the -1 padding at the end. (B, k) int64.
+
+    padded: whether a row may hold -1 padding; False (no lengths, every row full) sorts with one
+    kernel instead of three."""
+    if not padded:
+        return picks.sort(dim=-1).values
     big = torch.iinfo(torch.int64).max
     keyed = torch.where(picks < 0, big, picks)
     out = keyed.sort(dim=-1).values

@@ -118,3 +118,11 @@ def test_auto_rule():
     assert kernel_rows_strategy(small, 56, "full") == "full"
     with pytest.raises(ValueError, match="rows"):
         kernel_rows_strategy(small, 56, "eager")
+
+
+def test_sort_picks_with_and_without_padding():
+    picks = torch.tensor([[5, 1, 3], [2, -1, -1], [0, 4, -1]])
+    assert sort_picks(picks).tolist() == [[1, 3, 5], [2, -1, -1], [0, 4, -1]]
+    full = torch.tensor([[5, 1, 3], [9, 0, 2]])
+    assert torch.equal(sort_picks(full, padded=False), sort_picks(full))
+    assert sort_picks(full, padded=False).tolist() == [[1, 3, 5], [0, 2, 9]]
