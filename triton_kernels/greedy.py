@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ._env import warps
-from .kernel_rows import kernel_matrix
+from .kernel_rows import kernel_matrix, row_product
 
 FULL_L_BUDGET_BYTES = 1 << 30
 BLOCK_T = 16  # rows of C (lazy: rows of S) per inner-loop iteration, whatever N
@@ -122,14 +122,7 @@ def _greedy_kernel(
             if FULL_L:
                 e = tl.load(src + j * N + cols, mask=in_n, other=0.0)
             else:
-                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for r0 in range(0, N, BLOCK_R):
-                    r = r0 + tl.arange(0, BLOCK_R)
-                    mr = r < N
-                    sj = tl.load(src + j * N + r, mask=mr, other=0.0)
-                    tile = tl.load(src + r[:, None] * N + cols[None, :], mask=mr[:, None] & in_n[None, :], other=0.0)
-                    acc += tl.sum(sj[:, None] * tile, axis=0)
-                e = gamma * acc
+                e = gamma * row_product(src, j, cols, in_n, N, BLOCK_R, BLOCK_N)
             for u0 in range(0, t, BLOCK_T):
                 u = u0 + tl.arange(0, BLOCK_T)
                 mu = u < t

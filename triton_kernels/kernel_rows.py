@@ -122,6 +122,20 @@ def _kernel_matrix_kernel(
 
 
 @triton.jit
+def row_product(s_b, j, cols, in_n, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(S[j, :] S)[cols] for one image's symmetric (N, N) fp32 S at ``s_b``: (BLOCK_N,) fp32, the
+    rows of S taken BLOCK_R at a time (the lazy kernel row without gamma; also the greedy's)."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, N, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mr = r < N
+        sj = tl.load(s_b + j * N + r, mask=mr, other=0.0)
+        tile = tl.load(s_b + r[:, None] * N + cols[None, :], mask=mr[:, None] & in_n[None, :], other=0.0)
+        acc += tl.sum(sj[:, None] * tile, axis=0)
+    return acc
+
+
+@triton.jit
 def _kernel_rows_kernel(
     s_ptr, rows_ptr, out_ptr, N, M, gamma,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -135,14 +149,7 @@ def _kernel_rows_kernel(
     mc = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if j >= 0:
-        s_b = s_ptr + b * N * N
-        for r0 in range(0, N, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            mr = r < N
-            sj = tl.load(s_b + j * N + r, mask=mr, other=0.0)
-            tile = tl.load(s_b + r[:, None] * N + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
-            acc += tl.sum(sj[:, None] * tile, axis=0)
-        acc = acc * gamma + tl.where(cols == j, 1.0, 0.0)
+        acc = row_product(s_ptr + b * N * N, j, cols, mc, N, BLOCK_R, BLOCK_N) * gamma + tl.where(cols == j, 1.0, 0.0)
     tl.store(out_ptr + (b * M + m) * N + cols, acc, mask=mc)
 
 
