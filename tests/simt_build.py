@@ -15,6 +15,18 @@ SIMT = ROOT / "tests" / "simt"
 CXX = os.environ.get("CXX") or shutil.which("g++")
 
 
+def require_cxx(what: str) -> str:
+    """The C++ compiler for ``what``: skip the test without one, or fail it under
+    OTPRUNE_REQUIRE_EXT=1 (`make test`, CI)."""
+    import pytest
+
+    if CXX is None:
+        if os.environ.get("OTPRUNE_REQUIRE_EXT") == "1":
+            pytest.fail(f"OTPRUNE_REQUIRE_EXT=1 but no C++ compiler (g++ or $CXX) is found for {what}")
+        pytest.skip(f"no C++ compiler (g++ or $CXX) found: {what} cannot be built")
+    return CXX
+
+
 def find_nvcc() -> Optional[str]:
     """nvcc from CUDA_HOME, then PATH, then the default toolkit location; None if absent."""
     candidates = [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]

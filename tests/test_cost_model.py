@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import importlib
 import itertools
-import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from otprune import backends
 from otprune import cost_model as cm
-from simt_build import CXX, build_driver, launch_plan, launcher_choice
+from simt_build import build_driver, launch_plan, launcher_choice, require_cxx
 
 SHAPES = [cm.Shape(B, N, d, cm.round_budget(r, N), dt)
           for B, N, d, r, dt in [(1, 576, 4096, 0.098, "float16"), (8, 576, 1024, 0.222, "float16"),
@@ -34,10 +33,7 @@ EXTRA_SHAPES = [cm.Shape(B, N, 64, k, dt) for B, N, k, dt in
 @pytest.fixture(scope="module")
 def plan_driver(tmp_path_factory):
     """tests/simt/driver.cpp compiled around csrc/greedy_kernel.cuh (only its --plan mode is used)."""
-    if CXX is None:
-        if os.environ.get("OTPRUNE_REQUIRE_EXT") == "1":
-            pytest.fail("OTPRUNE_REQUIRE_EXT=1 but no C++ compiler (g++ or $CXX) is found")
-        pytest.skip("no C++ compiler (g++ or $CXX) found")
+    require_cxx("the launch-plan driver")
     out = tmp_path_factory.mktemp("plan") / "driver"
     build_driver(out, ["-O0"])
     return out

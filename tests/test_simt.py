@@ -27,7 +27,7 @@ import torch
 from helpers import check_exact, features
 from otprune.greedy import gamma_gram, greedy_picks
 from otprune.kernel import similarity
-from simt_build import CSRC, CXX, build_driver, driver_command, launch_plan
+from simt_build import CSRC, build_driver, driver_command, launch_plan, require_cxx
 
 pytestmark = pytest.mark.simt
 GAMMA = 0.01
@@ -50,10 +50,7 @@ SANITIZER_ENV = {
 @pytest.fixture(scope="session")
 def simt_binary(tmp_path_factory):
     """build(name) -> path of the driver compiled with BUILDS[name]'s flags (once per session)."""
-    if CXX is None:
-        if os.environ.get("OTPRUNE_REQUIRE_EXT") == "1":
-            pytest.fail("OTPRUNE_REQUIRE_EXT=1 but no C++ compiler (g++ or $CXX) is found for the simt tests")
-        pytest.skip("no C++ compiler (g++ or $CXX) found: the simt emulation cannot be built")
+    require_cxx("the simt emulation")
     folder = tmp_path_factory.mktemp("simt")
     # All builds start at once (they are single-threaded); each is awaited when first needed.
     started = {name: (folder / f"driver_{name}", driver_command(folder / f"driver_{name}", flags))
