@@ -31,6 +31,9 @@ Cost bound per image (d does not enter; H100: 3.35 TB/s HBM, 989 TFLOP/s fp16 de
   0.64 GFLOP = 0.6 us over all SMs (1.9 us at B = 1, where its 45 tiles occupy 45 SMs), 2.7 MB
   (0.8 us H100, 0.6 us H200): ~2 us at B = 1. N = 2880: 73 GFLOP = 74 us, 66 MB (20 us / 14 us):
   compute-bound, ~74 us (both GPUs). ieee: a third of the FLOPs at the fp32 rate: 3.2 us / 0.36 ms.
+  Each split-fp16 tile also reads diag(S) for its image's scale (N strided loads, one 32-byte
+  sector each: ~3% of its 2 x tile x N x 4 operand bytes at N = 2880), rather than a separate
+  launch computing the B scales first.
 - kernel_rows for M = k rows: M N^2 x 4 bytes of S (L2-resident up to N ~ 3500) and 2 M N^2
   FLOPs. N = 576, k = 56: 74 MB, 37 MFLOP: 22 us at HBM rate (H100), less from L2. N = 2880,
   k = 282: 9.4 GB, 4.7 GFLOP: 2.8 ms (H100), 1.9 ms (H200).
