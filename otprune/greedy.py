@@ -91,39 +91,48 @@ def greedy_picks(
     beta = 1.0 if full else gamma  # scale of the fetched row: G's rows carry gamma already
     if valid is not None:
         d2.masked_fill_(~valid, float("-inf"))
-    # Cholesky rows, step-major so that step t's rows c[t] (B, N) are one contiguous block. Views
-    # made once (rows, c by image, picks rows): on CPU each view costs microseconds per step.
-    c = s.new_zeros(max(k_max - 1, 1), B, N)
-    c_rows, c_by_image = c.unbind(0), c.transpose(0, 1)
-    base = torch.arange(B, device=dev) * N  # flat offset of row b in the (B*N) views
+    # Cholesky rows, image-major (B, K, N): the correction's batched product then reads contiguous
+    # rows (a step-major layout made it copy, or take a per-image path, on CPU). Entries past step
+    # t are never read (every read is sliced to :t), so the buffer is not zeroed.
+    K = max(k_max - 1, 1)
+    c = s.new_empty(B, K, N)
+    c_rows = c.unbind(1)
     picks = torch.empty(k_max, B, dtype=torch.int64, device=dev)
     pick_rows = picks.unbind(0)
+    # Step t's gather index: its picks broadcast over the K rows of c (views made once: on CPU each
+    # view costs microseconds per step; a gather over all K rows is cheaper than one over :t).
+    pick_cols = picks.view(k_max, B, 1, 1).expand(k_max, B, K, 1).unbind(0)
+    base = torch.arange(B, device=dev) * N  # flat offset of row b in the (B*N) views
+    flat = torch.empty(B, dtype=torch.int64, device=dev)
+    e = s.new_empty(B, 1, N)  # this step's row before scaling
+    e_flat = e.view(B, N)
+    v = s.new_empty(B, 1, N) if not full else e  # lazy: the fetched S row
+    v_flat = v.view(B, N)
+    cj = s.new_empty(B, K, 1)  # C[:, j] of every image
+    cj_row = cj.transpose(1, 2)
     pivot = d2.new_empty(B)
+    pivot_col = pivot.unsqueeze(1)
     torch.max(d2, -1, out=(pivot, pick_rows[0]))
     d2_flat = d2.view(-1)
     for t in range(k_max - 1):
-        j = pick_rows[t]
-        flat = base + j
+        torch.add(base, pick_rows[t], out=flat)
         # e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) / sqrt(d2[j])
-        row = c_rows[t]
-        e = row.unsqueeze(1)  # (B, 1, N) view of this step's row
-        if full:
-            torch.index_select(src, 0, flat, out=row)
-        else:
-            torch.bmm(src.index_select(0, flat).unsqueeze(1), s, out=e)
+        torch.index_select(src, 0, flat, out=v_flat)
+        if not full:
+            torch.bmm(v, s, out=e)
         if t:
-            prev = c_by_image[:, :t]  # (B, t, N)
-            cj = prev.gather(2, j.view(B, 1, 1).expand(B, t, 1)).transpose(1, 2)  # (B, 1, t)
-            e.baddbmm_(cj, prev, beta=beta, alpha=-1.0)
+            torch.gather(c, 2, pick_cols[t], out=cj)
+            e.baddbmm_(cj_row[:, :, :t], c[:, :t], beta=beta, alpha=-1.0)
         elif not full:
             e.mul_(gamma)
         if guard:
             # Rows past their budget may run out of tokens: give them a zero update, not NaN.
             live = pivot > 0
-            scale = torch.where(live, pivot, 1.0).rsqrt_().mul_(live)
+            scale = torch.where(live, pivot, 1.0).rsqrt_().mul_(live).unsqueeze(1)
         else:
-            scale = pivot.rsqrt_()
-        row.mul_(scale.unsqueeze(1))
+            scale = pivot_col.rsqrt_()
+        row = c_rows[t]
+        torch.mul(e_flat, scale, out=row)
         d2.addcmul_(row, row, value=-1.0)
         d2_flat.index_fill_(0, flat, float("-inf"))
         torch.max(d2, -1, out=(pivot, pick_rows[t + 1]))
