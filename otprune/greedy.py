@@ -7,16 +7,18 @@ needs come one of two ways (``rows``):
 - "full": G = gamma * S S^T computed first by one symmetric GEMM, each step reads row j of G.
 Lazy reads S once per step (memory-bound, k * N^2 per image); full pays one N^3 GEMM
 (compute-bound) and then almost nothing per step, so full wins for large N or large k / N.
-:func:`kernel_rows_strategy` picks by size. Re-measured on the idle 2-core x86 machine with the
-block-triangle CPU Gram (d = 1024, fp32, ms for the greedy alone, lazy / full; torch greedy, then the
-C++ path):
-  B=1 N=576 k=56:   torch 6.2 / 5.6     C++ 1.9 / 2.2  B=8 N=576 k=56:   torch 15 / 20   C++ 7 / 15
-  B=1 N=576 k=128:  torch 14 / 11       C++ 3.8 / 3.1  B=8 N=576 k=128:  torch 35 / 29   C++ 14 / 17
-  B=1 N=576 k=192:  torch 21 / 15       C++ 5.7 / 3.3  B=8 N=576 k=192:  torch 53 / 33   C++ 22 / 18
-  B=1 N=1152 k=113: torch 24 / 20       C++ 11 / 13    B=1 N=1152 k=256: torch 57 / 32   C++ 26 / 16
-The rule below (full from k / N >= 0.2 or N >= 1536) takes the faster form in most of these; it
-misses by 10-20% for the torch greedy at B=1 N=576 k=56 and B=1 N=1152 k=113, and for the C++ path
-at B=8 N=576 k=128.
+:func:`kernel_rows_strategy` picks by size. Measured on the 2-core x86 machine with the
+block-triangle CPU Gram and this loop (d = 1024, fp32, medians of interleaved calls, ms for the greedy
+alone, lazy / full; torch greedy, then the C++ path; the machine was shared, so take +-10%):
+  B=1 N=576 k=56:   torch 5.6 / 5.5     C++ 1.9 / 2.5  B=8 N=576 k=56:   torch 14 / 18   C++ 7.7 / 15
+  B=1 N=576 k=128:  torch 11 / 8.8      C++ 3.7 / 3.0  B=8 N=576 k=128:  torch 33 / 27   C++ 15 / 17
+  B=1 N=576 k=192:  torch 17 / 12       C++ 5.4 / 3.6  B=8 N=576 k=192:  torch 50 / 35   C++ 21 / 19
+  B=1 N=1152 k=113: torch 21 / 22       C++ 12 / 17    B=1 N=1152 k=256: torch 52 / 32   C++ 27 / 19
+The rule below (full from k / N >= 0.2 or N >= 1536) takes the faster form in all of these but one,
+the C++ path at B=8 N=576 k=128 (15% slower than lazy there).
+Each lazy step is ten small torch ops plus one batched row product; on the 2-core CPU the ops cost
+~50-80 us per step whatever B is, and the row product reads all of S (10.6 MB at B=8 N=576) at
+about two thirds of the rate a plain reduction reads it.
 The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
 is taken from then on and never read again, so it is left out in both forms.
 The loop runs k_max - 1 steps on device tensors: no host synchronisation, no data-dependent
