@@ -99,25 +99,27 @@ def greedy_picks(
     K = max(k_max - 1, 1)
     c = s.new_empty(B, K, N)
     c_rows = c.unbind(1)
-    picks = torch.empty(k_max, B, dtype=torch.int64, device=dev)
+    # Picks as (k_max, B, 1): max with keepdim writes a step's column directly (cheaper on CPU).
+    picks = torch.empty(k_max, B, 1, dtype=torch.int64, device=dev)
     pick_rows = picks.unbind(0)
     # Step t's gather index: its picks broadcast over the K rows of c (views made once: on CPU each
     # view costs microseconds per step; a gather over all K rows is cheaper than one over :t).
     pick_cols = picks.view(k_max, B, 1, 1).expand(k_max, B, K, 1).unbind(0)
-    base = torch.arange(B, device=dev) * N  # flat offset of row b in the (B*N) views
-    flat = torch.empty(B, dtype=torch.int64, device=dev)
+    base = (torch.arange(B, device=dev) * N).unsqueeze(1)  # flat offset of row b in the (B*N) views
+    flat_col = torch.empty(B, 1, dtype=torch.int64, device=dev)
+    flat = flat_col.view(B)
     e = s.new_empty(B, 1, N)  # this step's row before scaling
     e_flat = e.view(B, N)
     v = s.new_empty(B, 1, N) if not full else e  # lazy: the fetched S row
     v_flat = v.view(B, N)
     cj = s.new_empty(B, K, 1)  # C[:, j] of every image
     cj_row = cj.transpose(1, 2)
-    pivot = d2.new_empty(B)
-    pivot_col = pivot.unsqueeze(1)
-    torch.max(d2, -1, out=(pivot, pick_rows[0]))
+    pivot_col = d2.new_empty(B, 1)
+    pivot = pivot_col.view(B)
+    torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[0]))
     d2_flat = d2.view(-1)
     for t in range(k_max - 1):
-        torch.add(base, pick_rows[t], out=flat)
+        torch.add(base, pick_rows[t], out=flat_col)
         # e = (gamma * S[j, :] S - C[:t, j]^T C[:t, :]) / sqrt(d2[j])
         torch.index_select(src, 0, flat, out=v_flat)
         if not full:
@@ -137,8 +139,8 @@ def greedy_picks(
         torch.mul(e_flat, scale, out=row)
         d2.addcmul_(row, row, value=-1.0)
         d2_flat.index_fill_(0, flat, float("-inf"))
-        torch.max(d2, -1, out=(pivot, pick_rows[t + 1]))
-    picks = picks.T
+        torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[t + 1]))
+    picks = picks.view(k_max, B).T
     if ragged:
         k_t = torch.tensor(ks, device=dev).unsqueeze(1)
         picks = torch.where(torch.arange(k_max, device=dev).unsqueeze(0) < k_t, picks, -1)
