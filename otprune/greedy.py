@@ -94,8 +94,9 @@ def greedy_picks(
     if valid is not None:
         d2.masked_fill_(~valid, float("-inf"))
     # Cholesky rows, image-major (B, K, N): the correction's batched product then reads contiguous
-    # rows (a step-major layout made it copy, or take a per-image path, on CPU). Entries past step
-    # t are never read (every read is sliced to :t), so the buffer is not zeroed.
+    # rows (a step-major layout made it copy, or take a per-image path, on CPU). Rows from step t on
+    # are unwritten at step t and enter no arithmetic (the gather copies them into cj, whose :t
+    # slice alone is used), so the buffer is not zeroed.
     K = max(k_max - 1, 1)
     c = s.new_empty(B, K, N)
     c_rows = c.unbind(1)
