@@ -457,8 +457,8 @@ def _greedy_triton(shape: Shape, gpu: Gpu, lat: Latency, rows: str) -> Phase:
 
 
 # Framework ops per step of otprune.greedy.greedy_picks on a GPU (index arithmetic, row fetch,
-# gather + baddbmm of C, rsqrt, scale, addcmul, index_fill, max, store of the pick); "lazy" adds the
-# bmm that forms the row. tests/test_cost_model.py counts them on the real loop.
+# gather + baddbmm of C, rsqrt, scale, addcmul, index_fill, max writing the next pick in place);
+# "lazy" adds the bmm that forms the row. tests/test_cost_model.py counts them on the real loop.
 TORCH_STEP_OPS = {"full": 9, "lazy": 10}
 
 
