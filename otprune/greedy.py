@@ -16,9 +16,9 @@ alone, lazy / full; torch greedy, then the C++ path; the machine was shared, so 
   B=1 N=1152 k=113: torch 21 / 22       C++ 12 / 17    B=1 N=1152 k=256: torch 52 / 32   C++ 27 / 19
 The rule below (full from k / N >= 0.2 or N >= 1536) takes the faster form in all of these but one,
 the C++ path at B=8 N=576 k=128 (15% slower than lazy there).
-Each lazy step is ten small torch ops plus one batched row product; on the 2-core CPU the ops cost
-~50-80 us per step whatever B is, and the row product reads all of S (10.6 MB at B=8 N=576) at
-about two thirds of the rate a plain reduction reads it.
+Each lazy step is nine small torch ops plus one batched row product; on the 2-core CPU the small
+ops cost ~50-80 us per step whatever B is, and the row product reads all of S (10.6 MB at B=8
+N=576) at two thirds to three quarters of the rate a plain reduction reads it.
 The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
 is taken from then on and never read again, so it is left out in both forms.
 The loop runs k_max - 1 steps on device tensors: no host synchronisation, no data-dependent
