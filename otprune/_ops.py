@@ -8,7 +8,10 @@ node and no graph break. The fake implementation gives the output shape from sha
 
 Host synchronisation: with ``check=True``, exactly one (:func:`otprune._validate.read_select_data`);
 with ``check=False``, none, and every allocation's size follows from shapes and ``keep`` alone
-(except with ``compat="official"``, whose loop syncs every step by design).
+(except with ``compat="official"``, whose loop syncs every step by design). Off the CPU nothing is
+copied from host memory either (a pageable copy syncs; a pinned one could be overwritten before a
+CUDA-graph replay re-reads it): Python lengths are written on the device by fill kernels
+(:func:`otprune._validate.device_ints`), and the backends get equal budgets, every row cut to its own afterwards.
 """
 
 from __future__ import annotations
@@ -19,13 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from ._validate import budget, device_budgets, output_width, read_select_data
+from ._validate import budget, device_budgets, device_ints, output_width, read_select_data
 from .greedy import sort_picks
 from .kernel import accumulation_dtype, magnitude_scale, valid_mask
 
 
 def _keep(keep: float, keep_is_count: bool):
     return int(keep) if keep_is_count else keep
+
+
+def rows_cut_after(device: torch.device) -> bool:
+    """Whether rows of a ragged batch run to k_max and are cut to their budgets afterwards: off the
+    CPU, where a backend given ragged budgets would copy them from host memory (a host sync, or a
+    staging buffer that a CUDA-graph replay re-reads after it was reused). On the CPU the backends
+    take ragged budgets, and the C++ greedy stops each row at its own."""
+    return device.type != "cpu"
 
 
 def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, normalize: str,
@@ -41,26 +52,28 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
     keep = _keep(keep, keep_is_count)
     B, N = x.shape[0], x.shape[1]
     k_max = output_width(keep, N, lengths_list)
-    k_row = None  # (B,) per-row budgets on the device, when only the device knows them
+    k_row = None  # (B,) per-row budgets on the device, when every row runs to k_max and is cut after
     if check or (compat and lengths is not None):
         data = read_select_data(x, lengths, keep)
         scale = None if data.scale == 1.0 else data.scale
         lens = data.lengths if lengths is not None else lengths_list
         if lens is not None and all(v == N for v in lens):
             lens = None
-        lens_dev = None if lens is None else torch.tensor(lens, dtype=torch.int64).to(x.device)
+        lens_dev = None if lens is None else device_ints(lens, x.device)
     else:
         # fp16 needs no scale: its squares can neither overflow nor underflow in float32.
         scale = None if x.dtype == torch.float16 else magnitude_scale(*torch.aminmax(x))
         lens = lengths_list
         if lens is not None:
-            lens_dev = torch.tensor(lens, dtype=torch.int64).to(x.device)
+            lens_dev = device_ints(lens, x.device)
         elif lengths is not None:
             lens_dev = lengths.to(device=x.device, dtype=torch.int64).clamp(1, N)
             k_row = device_budgets(keep, lens_dev)
         else:
             lens_dev = None
     ks = [k_max] * B if lens is None else [budget(keep, v) for v in lens]
+    if lens is not None and compat != "official" and rows_cut_after(x.device):
+        k_row, ks = device_ints(ks, x.device), [k_max] * B
 
     if compat == "official":
         from .official import official_select

@@ -14,7 +14,7 @@ import math
 import operator
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -96,6 +96,21 @@ def device_budgets(keep: Union[int, float], lengths: torch.Tensor) -> torch.Tens
         return lengths.clamp(max=int(keep))
     k = torch.round(lengths.to(torch.float64) * float(keep)).to(torch.int64)
     return torch.minimum(k.clamp_min(1), lengths)
+
+
+def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(len(values),) int64 ``values`` on ``device``. Off the CPU the tensor is written by one fill
+    kernel per run of equal values instead of copied from host memory: no host synchronisation, and
+    a CUDA graph that captures the fills replays the same values."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.int64)
+    out = torch.empty(len(values), dtype=torch.int64, device=device)
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or values[end] != values[start]:
+            out[start:end].fill_(values[start])
+            start = end
+    return out
 
 
 def check_feature_shape(features, name: str = "features") -> torch.Tensor:

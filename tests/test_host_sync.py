@@ -101,6 +101,81 @@ def test_unchecked_bad_input_is_not_checked_but_does_not_crash(backend):
     assert got[1].tolist() == want[0].tolist() + [-1, -1]
 
 
+LENGTH_CASES = sorted(case for case in CASES if case.startswith("lengths"))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", LENGTH_CASES)
+def test_rows_cut_after_on_cpu_backends(backend, case, monkeypatch):
+    """The path GPUs take for ragged batches (every row to k_max, cut afterwards; no ragged budgets
+    reach a backend), forced on the CPU: the same indices, still one host read with check=True and
+    none without."""
+    from otprune import _ops
+
+    x, keep, kw = CASES[case]
+    want = otprune.select(x, keep, backend=backend, **kw)
+    seen = []
+    monkeypatch.setattr(_ops, "rows_cut_after", lambda device: True)
+    greedy = otprune.backends.get_backend(backend).greedy
+    monkeypatch.setattr(otprune.backends.get_backend(backend), "greedy",
+                        lambda s, ks, *a, **k: seen.append(list(ks)) or greedy(s, ks, *a, **k))
+    for check, reads in ((True, 1), (False, 0)):
+        with count_host_reads() as counts:
+            got = otprune.select(x, keep, backend=backend, check=check, **kw)
+        assert sum(counts.values()) == reads, dict(counts)
+        assert torch.equal(got, want)
+    assert seen and all(len(set(ks)) == 1 for ks in seen), seen
+
+
+class HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that takes a CPU tensor (other than a 0-d scalar) and returns a tensor on
+    another device: a copy from host memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        host = [t for t in leaves if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if host and any(t.device.type != "cpu" for t in outs):
+            self.copies.append(str(func))
+        return out
+
+
+def test_device_ints_fills_without_copying_from_the_host():
+    values = [5, 5, 3, 9, 9, 9, 5]
+    from otprune._validate import device_ints
+
+    cpu = device_ints(values, torch.device("cpu"))
+    assert cpu.dtype == torch.int64 and cpu.tolist() == values
+    with HostToDevice() as spy:
+        meta = device_ints(values, torch.device("meta"))
+    assert meta.shape == (7,) and meta.dtype == torch.int64 and spy.copies == []
+    with HostToDevice() as spy:  # the spy sees the copy that device_ints avoids
+        torch.tensor(values).to("meta")
+    assert spy.copies
+
+
+@pytest.mark.parametrize("lengths", [[40, 17, 3], torch.tensor([40, 17, 3], device="meta")], ids=["list", "tensor"])
+@pytest.mark.parametrize("keep", [0.2, 3])
+def test_unchecked_select_off_the_cpu_copies_nothing_from_the_host(lengths, keep, monkeypatch):
+    """check=False on a non-CPU device (the meta device: shapes only, any host read would fail),
+    through the torch backend's device code: no op takes host data to the device."""
+    from otprune import _ops, backends
+
+    torch_backend = backends.get_backend("torch")
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: torch_backend)
+    x = torch.empty(3, 40, 12, device="meta")
+    with HostToDevice() as spy:
+        idx = otprune.select(x, keep, lengths=lengths, check=False)
+    assert spy.copies == []
+    assert idx.device.type == "meta" and idx.dtype == torch.int64
+    assert idx.shape == (3, 8 if keep == 0.2 else 3)
+
+
 def test_tensor_lengths_width_is_the_full_row_budget():
     """A lengths tensor's values are unknown until read, so the width follows from N alone."""
     lens = [30, 17, 3]
@@ -120,9 +195,10 @@ def _cuda_backends():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", _cuda_backends())
-def test_cuda_sync_counts(backend):
+@pytest.mark.parametrize("kind", ["tensor", "list"])
+def test_cuda_sync_counts(backend, kind):
     x = X.cuda().half()
-    lens = torch.tensor([40, 17, 3], device="cuda")
+    lens = torch.tensor([40, 17, 3], device="cuda") if kind == "tensor" else [40, 17, 3]
     want = otprune.select(x, 0.2, lengths=lens, backend=backend)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -131,6 +207,30 @@ def test_cuda_sync_counts(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_cuda_graph_capture_with_list_lengths(backend):
+    """Python lengths are written on the device by captured fills; other pinned host allocations
+    between capture and replay (which could reuse a staging buffer) do not change the result."""
+    x = X.cuda().half()
+    lens = [40, 17, 3]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    for seed in (1, 2):
+        torch.full((64,), 7, dtype=torch.int64).pin_memory().cuda(non_blocking=True)
+        fresh = features(40, 12, seed, b=3)
+        x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, otprune.select(fresh.half().cuda(), 0.2, lengths=lens, backend=backend))
 
 
 @pytest.mark.cuda

@@ -212,6 +212,23 @@ def test_emulated_kernel_under_sanitizer(simt_binary, build, case):
     run_case(simt_binary(build), c, seed=3 * c[1] + c[2], timeout=BUILDS[build][1])
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["lazy", "full"])
+@pytest.mark.parametrize("rows_home", [SM90, "global"], ids=["rows_on_chip", "global_rows"])
+def test_equal_budgets_past_a_rows_tokens(simt_binary, full, rows_home):
+    """What otprune.select launches on a GPU for a ragged batch: no budgets, every row runs to
+    k_max = 8, rows of 3 and 1 valid tokens past them (pivots of -inf), under ASan + UBSan. No index
+    leaves [0, N), and each row's first k_b picks are those of a ragged run."""
+    lengths, ks = [37, 3, 1], [8, 3, 1]
+    x, s, valid = make_case(3, 37, 6, seed=11, dtype=torch.float32, lengths=lengths)
+    binary = simt_binary("asan")
+    limit = rows_off_chip_limit(binary, 37, 4) if rows_home == "global" else rows_home
+    got = run_kernel(binary, gamma_gram(s, GAMMA) if full else s, [8] * 3, valid, full=full,
+                     smem_limit=limit, pass_ks=False, timeout=BUILDS["asan"][1])
+    assert ((got >= 0) & (got < 37)).all(), got
+    cut = torch.where(torch.arange(8) < torch.tensor(ks).unsqueeze(1), got, -1)
+    assert check_against_reference_and_cpu(x, s, valid, ks, cut) >= 1
+
+
 @pytest.mark.parametrize("n", [1, 31, 37, 576, 577, 1024, 1025, 1100, 2880, 6016])
 def test_launch_plan_has_no_tail_pass(simt_binary, n):
     """Every thread owns ceil(N / threads) items but for less than one warp's worth per pass."""

@@ -153,6 +153,22 @@ def test_greedy_ragged_and_batch_equal_per_item(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["full", "lazy"])
+def test_greedy_equal_budgets_past_a_rows_tokens(strategy):
+    """What otprune.select runs on a GPU for a ragged batch: every row to k_max (a row of 1 or 3
+    tokens runs past them), cut to its budget afterwards. The first k_b picks of each row are the
+    ragged call's, and no index leaves [0, N)."""
+    lengths, ks = [37, 1, 3, 37], [7, 1, 3, 3]
+    x = features(37, 12, 5, b=4)
+    valid = (torch.arange(37).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).to(DEV)
+    s = tk.similarity(x.to(DEV), "feature", valid)
+    ragged = tk.greedy(s, ks, 0.01, valid, strategy=strategy)
+    equal = tk.greedy(s, [7] * 4, 0.01, valid, strategy=strategy)
+    assert ((equal >= 0) & (equal < 37)).all(), equal
+    for b, k in enumerate(ks):
+        assert equal[b, :k].tolist() == ragged[b, :k].tolist()
+
+
+@pytest.mark.parametrize("strategy", ["full", "lazy"])
 def test_greedy_column_chunks_give_the_same_picks(strategy, monkeypatch):
     """Beyond MAX_BLOCK_N columns (1024) a step loops over column chunks with the residuals in a
     scratch; forced here with 8-column chunks: the same picks, ties still to the lowest index."""

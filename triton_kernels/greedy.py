@@ -7,8 +7,9 @@ Cholesky row, updates the residuals d2 (the marginal gains are log d2) and folds
 into the step's (ties to the lowest index). C (B, k_max - 1, N) and d2 (B, N) live in a global
 scratch (L1/L2-resident at these sizes); one barrier per step. BLOCK_N // 64 warps (4 to 16) keep
 every (BLOCK_T, BLOCK_N) tile at <= 32 fp32 per thread: no spills at any N (the compile gate,
-bench/triton_target.py, checks N = 576 / 1001 / 2880 for sm_80 and sm_90). No host
-synchronisation, ragged budgets and lengths per program, fp32 throughout.
+bench/triton_target.py, checks N = 576 / 1001 / 2880 for sm_80 and sm_90). Ragged budgets and
+lengths per program, fp32 throughout. No host synchronisation with equal budgets (ragged ones are
+copied from host memory; otprune.select passes equal budgets on a GPU and cuts rows afterwards).
 
 Rows of L, ``strategy``:
 - ``"full"``: L = I + gamma S S^T first, by :func:`.kernel_rows.kernel_matrix` (one split-fp16
@@ -184,7 +185,10 @@ def greedy(
         strategy = choose_strategy(B, N, k_max)
     dev = s.device
     src = kernel_matrix(s, gamma) if strategy == "full" else s.contiguous()
-    ks_t = torch.tensor([int(k) for k in ks], dtype=torch.int32, device=dev)
+    if all(int(k) == k_max for k in ks):  # what otprune.select passes on a GPU: nothing copied
+        ks_t = torch.full((B,), k_max, dtype=torch.int32, device=dev)
+    else:  # ragged budgets come from host memory: a copy that syncs the host on a GPU
+        ks_t = torch.tensor([int(k) for k in ks], dtype=torch.int32, device=dev)
     v = valid.to(torch.uint8).contiguous() if valid is not None else ks_t.new_empty(1, dtype=torch.uint8)
     d2 = torch.empty(B, N, dtype=torch.float32, device=dev)
     c = torch.empty(B, max(k_max - 1, 1), N, dtype=torch.float32, device=dev)
