@@ -163,7 +163,7 @@ def test_device_ints_fills_without_copying_from_the_host():
 @pytest.mark.parametrize("keep", [0.2, 3])
 def test_unchecked_select_off_the_cpu_copies_nothing_from_the_host(lengths, keep, monkeypatch):
     """check=False on a non-CPU device (the meta device: shapes only, any host read would fail),
-    through the torch backend's device code: no op takes host data to the device."""
+    select and prune through the torch backend's device code: no op takes host data to the device."""
     from otprune import _ops, backends
 
     torch_backend = backends.get_backend("torch")
@@ -171,9 +171,10 @@ def test_unchecked_select_off_the_cpu_copies_nothing_from_the_host(lengths, keep
     x = torch.empty(3, 40, 12, device="meta")
     with HostToDevice() as spy:
         idx = otprune.select(x, keep, lengths=lengths, check=False)
+        kept, _ = otprune.prune(x, keep, lengths=lengths, check=False)
     assert spy.copies == []
     assert idx.device.type == "meta" and idx.dtype == torch.int64
-    assert idx.shape == (3, 8 if keep == 0.2 else 3)
+    assert idx.shape == (3, 8 if keep == 0.2 else 3) and kept.shape == (*idx.shape, 12)
 
 
 def test_tensor_lengths_width_is_the_full_row_budget():
