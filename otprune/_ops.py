@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import backends
 from ._validate import budget, device_budgets, device_ints, output_width, read_select_data
 from .greedy import sort_picks
-from .kernel import accumulation_dtype, magnitude_scale, valid_mask
+from .kernel import accumulation_dtype, image_extremes, magnitude_scale, valid_mask
 
 
 def _keep(keep: float, keep_is_count: bool):
@@ -52,28 +52,33 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
     keep = _keep(keep, keep_is_count)
     B, N = x.shape[0], x.shape[1]
     k_max = output_width(keep, N, lengths_list)
-    k_row = None  # (B,) per-row budgets on the device, when every row runs to k_max and is cut after
+    if lengths is not None:  # values unread: clamped for the mask, checked by the read below
+        lens_dev = lengths.to(device=x.device, dtype=torch.int64).clamp(1, N)
+    else:
+        lens_dev = None if lengths_list is None else device_ints(lengths_list, x.device)
+    valid = valid_mask(lens_dev, B, N, x.device)
+    if valid is not None:
+        # Padding content never enters (a where, not a product: NaN padding would stay NaN).
+        x = torch.where(valid.unsqueeze(-1), x, 0)
     if check or (compat and lengths is not None):
         data = read_select_data(x, lengths, keep)
-        scale = None if data.scale == 1.0 else data.scale
+        scale = data.scale
         lens = data.lengths if lengths is not None else lengths_list
-        if lens is not None and all(v == N for v in lens):
-            lens = None
-        lens_dev = None if lens is None else device_ints(lens, x.device)
     else:
         # fp16 needs no scale: its squares can neither overflow nor underflow in float32.
-        scale = None if x.dtype == torch.float16 else magnitude_scale(*torch.aminmax(x))
-        lens = lengths_list
-        if lens is not None:
-            lens_dev = device_ints(lens, x.device)
-        elif lengths is not None:
-            lens_dev = lengths.to(device=x.device, dtype=torch.int64).clamp(1, N)
-            k_row = device_budgets(keep, lens_dev)
+        if x.dtype == torch.float16:
+            scale = None
         else:
-            lens_dev = None
-    ks = [k_max] * B if lens is None else [budget(keep, v) for v in lens]
-    if lens is not None and compat != "official" and rows_cut_after(x.device):
-        k_row, ks = device_ints(ks, x.device), [k_max] * B
+            scale = magnitude_scale(*image_extremes(x))
+        lens = lengths_list
+    if lengths is not None and not compat:
+        # A lengths tensor: every row runs to the width (known from shapes) and is cut to its budget
+        # afterwards, the same calls with or without the read.
+        ks, k_row = [k_max] * B, device_budgets(keep, lens_dev)
+    elif lens is not None and not compat and rows_cut_after(x.device):
+        ks, k_row = [k_max] * B, device_ints([budget(keep, v) for v in lens], x.device)
+    else:
+        ks, k_row = ([k_max] * B if lens is None else [budget(keep, v) for v in lens]), None
 
     if compat == "official":
         from .official import official_select
@@ -82,12 +87,12 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
     else:
         be = backends.resolve(backend, x.device, (B, N, x.shape[2], k_max, x.dtype))
         if scale is not None:
-            x = x.to(accumulation_dtype(x.dtype)) * scale  # a float, or a 0-d tensor on x's device
-        valid = valid_mask(lens_dev, B, N, x.device)
+            dtype = accumulation_dtype(x.dtype)
+            x = x.to(dtype) * scale.to(dtype)
         picks = be.greedy(be.similarity(x, normalize, valid), ks, float(gamma), valid)
         if k_row is not None:
             picks = torch.where(torch.arange(k_max, device=x.device) < k_row.unsqueeze(1), picks, -1)
-        out = sort_picks(picks, padded=lens is not None or k_row is not None)
+        out = sort_picks(picks, padded=valid is not None)
     return F.pad(out, (0, k_max - out.shape[1]), value=-1) if out.shape[1] < k_max else out
 
 

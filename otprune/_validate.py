@@ -46,11 +46,12 @@ class SelectArgs:
 class SelectData:
     """Host values of one selection's data, read in one transfer by :func:`read_select_data`.
 
-    scale:   the power of two the features are multiplied by before squaring (1.0: none needed).
+    scale:   per-image powers of two the features are multiplied by before squaring, (B, 1, 1)
+             float64 on the features' device, or None when every image is already in range.
     lengths: per-row valid lengths read from the lengths tensor, checked; None if none was given.
     """
 
-    scale: float
+    scale: Optional[torch.Tensor]
     lengths: Optional[List[int]]
 
 
@@ -133,42 +134,49 @@ def check_feature_shape(features, name: str = "features") -> torch.Tensor:
     return features
 
 
-def check_features(features, name: str = "features") -> torch.Tensor:
-    """:func:`check_feature_shape` plus finite values (one host sync)."""
+def check_features(features, name: str = "features") -> SelectData:
+    """:func:`check_feature_shape` plus finite values (one host sync); returns the magnitude scale
+    (:func:`read_select_data`)."""
     check_feature_shape(features, name)
-    read_select_data(features, None, 1, name)
-    return features
+    return read_select_data(features, None, 1, name)
 
 
 def read_select_data(x: torch.Tensor, lengths: Optional[torch.Tensor], keep: Union[int, float],
                      name: str = "features") -> SelectData:
     """Read and check the data of a selection in one device-to-host transfer (the one host sync).
 
-    x: features of any shape; lengths: (B,) integer tensor or None, checked against N = x.shape[-2]
-    and ``keep``. Raises ValueError for non-finite features or out-of-range lengths.
+    x: (N, d) or (B, N, d) features, padding already zeroed; lengths: (B,) integer tensor or None,
+    checked against N = x.shape[-2] and ``keep``. The magnitude scale is taken per image, so an
+    image of extreme magnitude changes no other image's arithmetic. Raises ValueError for
+    non-finite features or out-of-range lengths.
     """
-    from .kernel import magnitude_scale
+    from .kernel import image_extremes, magnitude_scale
 
-    lo, hi = torch.aminmax(x.detach())
-    parts = [torch.stack((lo.to(torch.float64), hi.to(torch.float64), magnitude_scale(lo, hi)))]
+    x3 = x.detach() if x.ndim == 3 else x.detach().unsqueeze(0)
+    lo, hi = image_extremes(x3)
+    scale = magnitude_scale(lo, hi)
+    head = (lo.amin().to(torch.float64), hi.amax().to(torch.float64), (scale != 1).any().to(torch.float64))
+    parts = [torch.stack(head)]
     if lengths is not None:
         parts.append(lengths.detach().to(device=x.device, dtype=torch.float64))
     values = torch.cat(parts).tolist()
     if not (math.isfinite(values[0]) and math.isfinite(values[1])):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    scale = scale if values[2] else None
     if lengths is None:
-        return SelectData(scale=values[2], lengths=None)
+        return SelectData(scale=scale, lengths=None)
     lens = [int(v) for v in values[3:]]
     check_length_values(lens, x.shape[-2], keep)
-    return SelectData(scale=values[2], lengths=lens)
+    return SelectData(scale=scale, lengths=lens)
 
 
 def check_length_values(lens: List[int], n: int, keep: Union[int, float]) -> None:
     """Every length in [1, N], and an int ``keep`` not above any length."""
     if any(v < 1 or v > n for v in lens):
         raise ValueError(f"every length must be in [1, N={n}], got {lens}")
-    for v in lens:
-        budget(keep, v)
+    for b, v in enumerate(lens):
+        if isinstance(keep, Integral) and not isinstance(keep, bool) and keep > v:
+            raise ValueError(f"keep={keep} exceeds the length of row {b} ({v} tokens)")
 
 
 def check_gamma(gamma) -> float:
@@ -178,6 +186,27 @@ def check_gamma(gamma) -> float:
     if not math.isfinite(gamma) or gamma <= 0.0:
         raise ValueError(f"gamma must be a positive finite float, got {gamma}")
     return gamma
+
+
+def check_gamma_range(gamma: float, x: torch.Tensor, normalize: str) -> None:
+    """Raise ValueError when gamma * S S^T could overflow the accumulation dtype for (..., N, d) x.
+
+    S is positive semi-definite with trace d (unit feature columns, diagonal <= d) or N (unit
+    tokens, diagonal 1), and (S S^T)_ii <= trace(S) * S_ii, so the kernel's entries and every
+    partial sum stay below gamma * d^2 ("feature") or gamma * N ("token"); a margin of 2^10 covers
+    the residual arithmetic.
+    """
+    from .kernel import accumulation_dtype
+
+    n, d = x.shape[-2], x.shape[-1]
+    bound, what = (float(d) ** 2, f"d^2 (d = {d})") if normalize == "feature" else (float(n), f"N (N = {n})")
+    dtype = accumulation_dtype(x.dtype)
+    limit = torch.finfo(dtype).max / 2.0**10
+    if gamma * bound > limit:
+        raise ValueError(
+            f"gamma = {gamma:g} is too large for {dtype} arithmetic: gamma * {what} must stay below "
+            f"{limit:.3g} ({normalize!r} normalisation)"
+        )
 
 
 def check_normalize(normalize) -> str:
@@ -215,10 +244,13 @@ def check_lengths(lengths, x: torch.Tensor, batched: bool, keep) -> Tuple[Option
         if lengths.ndim != 1 or lengths.shape[0] != B:
             raise ValueError(f"lengths must have shape ({B},) to match the batch, got {tuple(lengths.shape)}")
         return lengths, None
+    ordered = not isinstance(lengths, (set, frozenset, dict)) and hasattr(lengths, "__getitem__")
     try:
-        values = list(lengths)
+        values = list(lengths) if ordered else None
     except TypeError as err:
         raise TypeError(f"lengths must be a sequence or tensor of ints: {err}") from None
+    if values is None:
+        raise TypeError(f"lengths must be an ordered sequence (list, tuple) or tensor of ints, got {type(lengths).__name__}")
     for v in values:
         if isinstance(v, (bool, str)) or not hasattr(type(v), "__index__"):
             raise TypeError(f"lengths must hold integers, got {type(v).__name__}")
@@ -229,8 +261,10 @@ def check_lengths(lengths, x: torch.Tensor, batched: bool, keep) -> Tuple[Option
     return None, (None if all(v == N for v in values) else values)
 
 
-def check_select_args(features, keep, gamma, normalize, lengths, compat, backend="auto") -> SelectArgs:
+def check_select_args(features, keep, gamma, normalize, lengths, compat, backend="auto", check=True) -> SelectArgs:
     """Check every argument of :func:`otprune.select` that needs no tensor data (no host sync)."""
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {type(check).__name__}")
     x = check_feature_shape(features)
     check_gamma(gamma)
     check_normalize(normalize)
@@ -239,6 +273,7 @@ def check_select_args(features, keep, gamma, normalize, lengths, compat, backend
     batched = x.ndim == 3
     x3 = x if batched else x.unsqueeze(0)
     budget(keep, x3.shape[1])
+    check_gamma_range(float(gamma), x3, normalize)
     lens, lens_list = check_lengths(lengths, x3, batched, keep)
     k_max = output_width(keep, x3.shape[1], lens_list)
     return SelectArgs(x=x3, batched=batched, lengths=lens, lengths_list=lens_list, k_max=k_max)

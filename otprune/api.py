@@ -51,10 +51,10 @@ def select(
               each row's length. For valid input both settings return identical indices.
     Returns (k_max,) or (B, k_max) int64 on the input's device; ascending unless compat="official".
     """
-    args = check_select_args(features, keep, gamma, normalize, lengths, compat, backend)
+    args = check_select_args(features, keep, gamma, normalize, lengths, compat, backend, check)
     run = _ops.select_op if torch.compiler.is_compiling() else _ops.run_select
     out = run(args.x, float(keep), isinstance(keep, Integral), float(gamma), normalize, args.lengths,
-              args.lengths_list, compat or "", backend, bool(check))
+              args.lengths_list, compat or "", backend, check)
     return out if args.batched else out[0]
 
 

@@ -11,9 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# Column / token norms below this are treated as zero (the column or token is left at zero).
-NORM_EPS = 1e-30
-# Features whose largest magnitude lies outside this range are multiplied by a power of two before
+# An image whose largest magnitude lies outside this range is multiplied by a power of two before
 # squaring (see :func:`magnitude_scale`), so that squares neither overflow nor underflow.
 SAFE_MAGNITUDE = (1e-12, 1e12)
 # Block size (rows, and columns alike) of the CPU Gram's lower block triangle (see symmetric_gram;
@@ -26,13 +24,25 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def magnitude_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Power of two s (0-d float64, on the device) bringing max |x| into [0.5, 1) when it lies
-    outside :data:`SAFE_MAGNITUDE`, else 1.
+def image_extremes(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each image of (B, N, d) ``x``: two (B, 1, 1) tensors of x's dtype (NaN where
+    an image holds NaN). On the CPU one fused reduction per image (a per-row ``aminmax(dim=...)`` is
+    ~10x slower there); elsewhere one batched reduction."""
+    if x.device.type == "cpu":
+        lo, hi = (torch.stack(v) for v in zip(*(torch.aminmax(x[b]) for b in range(x.shape[0]))))
+    else:
+        lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+    return lo.view(-1, 1, 1), hi.view(-1, 1, 1)
 
-    lo, hi: 0-d min and max of x (any float dtype). A power of two scales exactly, and the
-    normalisation is scale-invariant, so the selection does not change; s = 1 for zero or
-    non-finite input. s stays finite and nonzero in x's accumulation dtype.
+
+def magnitude_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Powers of two s (float64, lo's shape and device) bringing max |x| into [0.5, 1) where it
+    lies outside :data:`SAFE_MAGNITUDE`, else 1; elementwise.
+
+    lo, hi: min and max of x (any float dtype, same shape; per image from :func:`image_extremes`).
+    A power of two scales exactly, and the normalisation is scale-invariant, so the selection does
+    not change; s = 1 for zero or non-finite input. s stays finite and nonzero in x's accumulation
+    dtype.
     """
     amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
     maxexp = math.frexp(torch.finfo(accumulation_dtype(lo.dtype)).max)[1]
@@ -55,20 +65,23 @@ def normalize_features(
     """Normalise (B, N, d) features in the accumulation dtype.
 
     ``"feature"``: every feature column gets unit L2 norm over the (valid) tokens (dim -2).
-    ``"token"``: every token gets unit L2 norm (cosine similarity). Zero norms leave zeros.
+    ``"token"``: every token gets unit L2 norm (cosine similarity). A squared norm not above the
+    dtype's smallest normal number (a zero column or token, or one whose squares underflow) leaves
+    zeros: a norm is used only where it is accurate.
     Padding tokens (``valid`` False) are set to zero and do not enter the norms.
     out: optional (B, N, d) buffer of the accumulation dtype that receives the result.
     """
     x = x.to(accumulation_dtype(x.dtype))
     if valid is not None:
-        x = x * valid.unsqueeze(-1).to(x.dtype)
+        x = torch.where(valid.unsqueeze(-1), x, 0.0)  # not a product: NaN padding would stay NaN
     dim = -2 if normalize == "feature" else -1
     # The output buffer holds the squares first (one (B, N, d) allocation instead of two: fresh
     # pages cost as much as the arithmetic on CPU). square + sum is several times faster than
     # vector_norm over a strided dim on CPU.
     y = torch.mul(x, x, out=out)
     sq = y.sum(dim, keepdim=True)
-    inv = torch.where(sq > NORM_EPS, sq.clamp_min(NORM_EPS).rsqrt(), 0.0)
+    tiny = torch.finfo(x.dtype).tiny
+    inv = torch.where(sq > tiny, sq.clamp_min(tiny).rsqrt(), 0.0)
     return torch.mul(x, inv, out=y)
 
 
@@ -159,12 +172,17 @@ def kernel_matrix(features: torch.Tensor, gamma: float = 0.01, normalize: str = 
 
     Returns (N, N) or (B, N, N) in float32 (float64 for float64 input).
     """
-    from ._validate import check_features, check_gamma, check_normalize
+    from ._validate import check_feature_shape, check_features, check_gamma, check_gamma_range, check_normalize
 
-    x = check_features(features)
+    x = check_feature_shape(features)
     gamma = check_gamma(gamma)
     check_normalize(normalize)
+    check_gamma_range(gamma, x, normalize)
+    scale = check_features(x).scale
     x3 = x if x.ndim == 3 else x.unsqueeze(0)
+    if scale is not None:
+        dtype = accumulation_dtype(x.dtype)
+        x3 = x3.to(dtype) * scale.to(dtype)
     L = kernel_from_similarity(similarity(x3, normalize), gamma)
     return L if x.ndim == 3 else L[0]
 
@@ -181,9 +199,9 @@ def objective(
     padding and ignored, as returned by :func:`otprune.select` with ``lengths``). Returns a 0-d
     tensor, or (B,) for a batch.
     """
-    from ._validate import check_features
+    from ._validate import check_feature_shape
 
-    x = check_features(features)
+    x = check_feature_shape(features)
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError("indices must be an int64 or int32 torch.Tensor")
     if indices.ndim != x.ndim - 1:
@@ -200,6 +218,8 @@ def objective(
 
 
 def _logdet_subset(L: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if idx.numel() and int(idx.min()) < -1:
+        raise ValueError(f"indices must lie in [0, N) or be -1 (padding), got {int(idx.min())}")
     idx = idx[idx >= 0].to(device=L.device, dtype=torch.int64)
     n = L.shape[-1]
     if idx.numel() and (int(idx.max()) >= n):

@@ -153,3 +153,80 @@ def test_greedy_beats_baselines_on_objective():
     assert check_exact(x, idx, 20, torch.float32)
     ref, _ = ref_select(x, 20)
     assert abs(best - ref_logdet(x, ref)) <= LOGDET_RTOL[torch.float32] * abs(best)
+
+
+# ---- magnitudes: each image is scaled on its own; small columns and tokens keep their norm ----
+
+def _magnitude_cases():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    tiny_cols = x.clone()
+    tiny_cols[:, :8] *= 1e-17  # squares 1e-34: normal in float32, below the others' by 1e34
+    huge_cols = x.clone()  # the image is scaled into range, its small columns stay normal
+    huge_cols[:, :8] *= 1e25
+    huge_cols[:, 8:] *= 1e9
+    tiny_tokens = x.clone()
+    tiny_tokens[:10] *= 1e-16
+    return {
+        "tiny-columns": (tiny_cols, "feature"),
+        "huge-and-small-columns": (huge_cols, "feature"),
+        "tiny-tokens": (tiny_tokens, "token"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(_magnitude_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_slices_keep_their_norm_as_in_the_reference(backend, case, dtype):
+    """A column (token) far smaller than the rest of its image still gets unit norm, as in the
+    float64 reference, as long as its squares are normal numbers after the image's scaling."""
+    x, normalize = _magnitude_cases()[case]
+    x = x.to(dtype)
+    for check in (True, False):
+        idx = quiet_select(x, 6, normalize=normalize, backend=backend, check=check)
+        assert check_exact(x.double(), idx, 6, dtype, normalize=normalize)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_rows_of_very_different_magnitude_equal_per_row(backend):
+    a = features(40, 16, 2)
+    x = torch.stack([a * 1e30, a, a * 1e-30])
+    idx = quiet_select(x, 6, backend=backend)
+    for b in range(3):
+        assert idx[b].tolist() == quiet_select(x[b], 6, backend=backend).tolist()
+    assert idx[0].tolist() == idx[1].tolist() == idx[2].tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [1e30, 1e-30, float("nan"), float("inf")])
+def test_padding_content_never_matters(backend, fill):
+    """Whatever the padding holds (huge, tiny, NaN, inf), a ragged batch selects as with zeros:
+    padding enters neither the finiteness check nor the magnitude scale nor the norms."""
+    x = features(50, 16, 4, b=2)
+    want = quiet_select(x, 5, lengths=[50, 30], backend=backend)
+    dirty = x.clone()
+    dirty[1, 30:] = fill
+    for lengths in ([50, 30], torch.tensor([50, 30])):
+        for check in (True, False):
+            got = quiet_select(dirty, 5, lengths=lengths, backend=backend, check=check)
+            assert torch.equal(got[:, : want.shape[1]], want), (lengths, check)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_modes_agree_at_exact_ties(backend):
+    """d = 1 with token normalisation: every |S_ij| = 1, so every step is an exact tie. With a
+    lengths tensor both modes run the same greedy calls (each row to the width, then cut), so
+    their indices agree bit for bit even there."""
+    x = torch.randn(3, 577, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lens = torch.tensor([309, 1, 195])
+    kw = dict(normalize="token", gamma=1.0, lengths=lens, backend=backend)
+    assert torch.equal(quiet_select(x, 0.3, check=True, **kw), quiet_select(x, 0.3, check=False, **kw))
+
+
+def test_kernel_matrix_of_huge_features_is_finite_and_scale_free():
+    x = features(30, 8, 5)
+    want = otprune.kernel_matrix(x)
+    for scale in (1e30, 1e-30):
+        got = otprune.kernel_matrix(x * scale)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -207,13 +207,15 @@ def _scales(x: torch.Tensor, mode: int, v: torch.Tensor, has_valid: bool, eps: f
 
 
 def similarity(
-    x: torch.Tensor, normalize: str = "feature", valid: Optional[torch.Tensor] = None, eps: float = 1e-30
+    x: torch.Tensor, normalize: str = "feature", valid: Optional[torch.Tensor] = None,
+    eps: float = torch.finfo(torch.float32).tiny,
 ) -> torch.Tensor:
     """S = Xn Xn^T for (B, N, d) float16/bfloat16/float32 ``x``; (B, N, N) float32.
 
     normalize: "feature" (unit-norm columns over the valid tokens) or "token" (cosine).
     valid: optional (B, N) bool; padding rows and columns of S are zero.
-    eps: a column / token whose sum of squares is <= eps is treated as zero.
+    eps: a column / token whose sum of squares is <= eps is treated as zero (default: float32's
+    smallest normal number, as the torch path).
     """
     _check(x, normalize, valid)
     B, N, D = x.shape

@@ -59,13 +59,14 @@ def select_kept(
     :func:`otprune.select`'s order (the release's ``list(set(...))`` order). A family whose
     positions the release never defined passes ``release_order=False``: ascending in every mode.
 
-    Ragged images are padded to the longest and passed with ``lengths``, so a ratio applies per image.
+    Ragged images are padded to the longest and passed with ``lengths`` (a Python list: each row
+    runs to its own budget), so a ratio applies per image.
     """
     from ..api import select
 
     n_tokens = [int(f.shape[0]) for f in feats]
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    lengths = torch.tensor(n_tokens, device=padded.device) if len(set(n_tokens)) > 1 else None
+    lengths = n_tokens if len(set(n_tokens)) > 1 else None
     idx = select(padded, keep, lengths=lengths, **select_kwargs)
     if release_order and select_kwargs.get("compat") == "official":
         return [row[row >= 0] for row in idx]
