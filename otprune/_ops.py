@@ -6,12 +6,13 @@ mode and through the registered op under torch.compile, so the compiled graph ho
 node and no graph break. The fake implementation gives the output shape from shapes alone
 (:func:`otprune._validate.output_width`).
 
-Host synchronisation: with ``check=True``, exactly one (:func:`otprune._validate.read_select_data`);
-with ``check=False``, none, and every allocation's size follows from shapes and ``keep`` alone
-(except with ``compat="official"``, whose loop syncs every step by design). Off the CPU nothing is
-copied from host memory either (a pageable copy syncs; a pinned one could be overwritten before a
-CUDA-graph replay re-reads it): Python lengths are written on the device by fill kernels
-(:func:`otprune._validate.device_ints`), and the backends get equal budgets, every row cut to its own afterwards.
+Host synchronisation: with ``check=True``, exactly one (:func:`otprune._validate.read_select_data`,
+after the selection is issued); with ``check=False``, none, and every allocation's size follows
+from shapes and ``keep`` alone (except with ``compat="official"``, whose loop syncs every step by
+design). Off the CPU nothing is copied from host memory either (a pageable copy syncs; a pinned one
+could be overwritten before a CUDA-graph replay re-reads it): Python lengths are written on the
+device by fill kernels (:func:`otprune._validate.device_values`), and the backends get equal
+budgets, every row cut to its own afterwards.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from ._validate import budget, device_budgets, device_ints, output_width, read_select_data
+from ._validate import budget, device_budgets, device_values, output_width, read_select_data, select_probe
 from .greedy import sort_picks
-from .kernel import accumulation_dtype, image_extremes, magnitude_scale, valid_mask
+from .kernel import accumulation_dtype, apply_scale, image_extremes, magnitude_scale, valid_mask
 
 
 def _keep(keep: float, keep_is_count: bool):
@@ -48,51 +49,61 @@ def run_select(x: torch.Tensor, keep: float, keep_is_count: bool, gamma: float, 
     lengths: (B,) integer tensor (values unchecked so far) or None; lengths_list: checked Python
     lengths or None (at most one of the two). compat: "" or "official". check: read and check the
     data (one host sync) or not (no sync; see :func:`otprune.select`).
+
+    With ``check`` the data is probed on the device first and read only after the selection has been
+    issued (the one sync then also waits for the result): most inputs need no magnitude scale, and
+    the rare one that does (an image outside SAFE_MAGNITUDE) is selected again with it.
     """
     keep = _keep(keep, keep_is_count)
     B, N = x.shape[0], x.shape[1]
     k_max = output_width(keep, N, lengths_list)
-    if lengths is not None:  # values unread: clamped for the mask, checked by the read below
+    if lengths is not None:  # values unread: clamped for the mask, checked by the read
         lens_dev = lengths.to(device=x.device, dtype=torch.int64).clamp(1, N)
     else:
-        lens_dev = None if lengths_list is None else device_ints(lengths_list, x.device)
+        lens_dev = None if lengths_list is None else device_values(lengths_list, x.device)
     valid = valid_mask(lens_dev, B, N, x.device)
     if valid is not None:
         # Padding content never enters (a where, not a product: NaN padding would stay NaN).
         x = torch.where(valid.unsqueeze(-1), x, 0)
-    if check or (compat and lengths is not None):
-        data = read_select_data(x, lengths, keep)
-        scale = data.scale
-        lens = data.lengths if lengths is not None else lengths_list
-    else:
-        # fp16 needs no scale: its squares can neither overflow nor underflow in float32.
-        if x.dtype == torch.float16:
-            scale = None
-        else:
-            scale = magnitude_scale(*image_extremes(x))
-        lens = lengths_list
-    if lengths is not None and not compat:
-        # A lengths tensor: every row runs to the width (known from shapes) and is cut to its budget
-        # afterwards, the same calls with or without the read.
-        ks, k_row = [k_max] * B, device_budgets(keep, lens_dev)
-    elif lens is not None and not compat and rows_cut_after(x.device):
-        ks, k_row = [k_max] * B, device_ints([budget(keep, v) for v in lens], x.device)
-    else:
-        ks, k_row = ([k_max] * B if lens is None else [budget(keep, v) for v in lens]), None
-
     if compat == "official":
         from .official import official_select
 
-        out = official_select(x, ks, float(gamma), normalize, lens_dev)
+        lens = lengths_list
+        if check or lengths is not None:  # the release's loop needs host lengths
+            lens = read_select_data(select_probe(x, lengths), x, lengths, keep).lengths or lens
+        ks = [k_max] * B if lens is None else [budget(keep, v) for v in lens]
+        return _pad(official_select(x, ks, float(gamma), normalize, lens_dev), k_max)
+
+    if lengths is not None:
+        # A lengths tensor: every row runs to the width (known from shapes) and is cut to its budget
+        # afterwards, the same calls with or without the read.
+        ks, k_row = [k_max] * B, device_budgets(keep, lens_dev)
+    elif lengths_list is not None and rows_cut_after(x.device):
+        ks, k_row = [k_max] * B, device_values([budget(keep, v) for v in lengths_list], x.device)
     else:
-        be = backends.resolve(backend, x.device, (B, N, x.shape[2], k_max, x.dtype))
-        if scale is not None:
-            dtype = accumulation_dtype(x.dtype)
-            x = x.to(dtype) * scale.to(dtype)
-        picks = be.greedy(be.similarity(x, normalize, valid), ks, float(gamma), valid)
+        ks, k_row = ([k_max] * B if lengths_list is None else [budget(keep, v) for v in lengths_list]), None
+    be = backends.resolve(backend, x.device, (B, N, x.shape[2], k_max, x.dtype))
+
+    def selection(features: torch.Tensor) -> torch.Tensor:
+        picks = be.greedy(be.similarity(features, normalize, valid), ks, float(gamma), valid)
         if k_row is not None:
             picks = torch.where(torch.arange(k_max, device=x.device) < k_row.unsqueeze(1), picks, -1)
-        out = sort_picks(picks, padded=valid is not None)
+        return _pad(sort_picks(picks, padded=valid is not None), k_max)
+
+    if not check:
+        if x.dtype == torch.float16:  # its squares can neither overflow nor underflow in float32
+            return selection(x)
+        dtype = accumulation_dtype(x.dtype)
+        lo, hi = image_extremes(x).view(2, -1, 1, 1)
+        return selection(x.to(dtype) * magnitude_scale(lo, hi).to(dtype))
+    probe = select_probe(x, lengths)
+    out = selection(x)
+    scale = read_select_data(probe, x, lengths, keep).scale
+    return out if scale is None else selection(apply_scale(x, scale))
+
+
+def _pad(out: torch.Tensor, k_max: int) -> torch.Tensor:
+    """(B, k) indices padded with -1 to (B, k_max)."""
     return F.pad(out, (0, k_max - out.shape[1]), value=-1) if out.shape[1] < k_max else out
 
 

@@ -46,12 +46,12 @@ class SelectArgs:
 class SelectData:
     """Host values of one selection's data, read in one transfer by :func:`read_select_data`.
 
-    scale:   per-image powers of two the features are multiplied by before squaring, (B, 1, 1)
-             float64 on the features' device, or None when every image is already in range.
+    scale:   per-image powers of two the features are multiplied by before squaring
+             (:func:`otprune.kernel.apply_scale`), or None when every image is already in range.
     lengths: per-row valid lengths read from the lengths tensor, checked; None if none was given.
     """
 
-    scale: Optional[torch.Tensor]
+    scale: Optional[List[float]]
     lengths: Optional[List[int]]
 
 
@@ -99,13 +99,13 @@ def device_budgets(keep: Union[int, float], lengths: torch.Tensor) -> torch.Tens
     return torch.minimum(k.clamp_min(1), lengths)
 
 
-def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(len(values),) int64 ``values`` on ``device``. Off the CPU the tensor is written by one fill
-    kernel per run of equal values instead of copied from host memory: no host synchronisation, and
-    a CUDA graph that captures the fills replays the same values."""
+def device_values(values: Sequence, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """(len(values),) ``values`` on ``device`` (int64 by default). Off the CPU the tensor is written
+    by one fill kernel per run of equal values instead of copied from host memory: no host
+    synchronisation, and a CUDA graph that captures the fills replays the same values."""
     if device.type == "cpu":
-        return torch.tensor(values, dtype=torch.int64)
-    out = torch.empty(len(values), dtype=torch.int64, device=device)
+        return torch.tensor(values, dtype=dtype)
+    out = torch.empty(len(values), dtype=dtype, device=device)
     start = 0
     for end in range(1, len(values) + 1):
         if end == len(values) or values[end] != values[start]:
@@ -135,37 +135,47 @@ def check_feature_shape(features, name: str = "features") -> torch.Tensor:
 
 
 def check_features(features, name: str = "features") -> SelectData:
-    """:func:`check_feature_shape` plus finite values (one host sync); returns the magnitude scale
-    (:func:`read_select_data`)."""
-    check_feature_shape(features, name)
-    return read_select_data(features, None, 1, name)
+    """:func:`check_feature_shape` plus finite values (one host sync); returns the per-image
+    magnitude scales (:func:`read_select_data`)."""
+    x = check_feature_shape(features, name)
+    x3 = x if x.ndim == 3 else x.unsqueeze(0)
+    return read_select_data(select_probe(x3, None), x3, None, 1, name)
 
 
-def read_select_data(x: torch.Tensor, lengths: Optional[torch.Tensor], keep: Union[int, float],
-                     name: str = "features") -> SelectData:
-    """Read and check the data of a selection in one device-to-host transfer (the one host sync).
+def select_probe(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """What a checked selection reads, still on the device (no sync yet): each image's min, then each
+    image's max (B values each, x's dtype; float64 when ``lengths`` is given), then the lengths.
+    x: (B, N, d), padding already zeroed. On a GPU two ops without lengths (an allocation and one
+    reduction kernel)."""
+    from .kernel import image_extremes
 
-    x: (N, d) or (B, N, d) features, padding already zeroed; lengths: (B,) integer tensor or None,
-    checked against N = x.shape[-2] and ``keep``. The magnitude scale is taken per image, so an
-    image of extreme magnitude changes no other image's arithmetic. Raises ValueError for
-    non-finite features or out-of-range lengths.
-    """
-    from .kernel import image_extremes, magnitude_scale
+    probe = image_extremes(x.detach()).view(-1)
+    if lengths is None:
+        return probe
+    return torch.cat((probe.to(torch.float64), lengths.detach().to(device=x.device, dtype=torch.float64)))
 
-    x3 = x.detach() if x.ndim == 3 else x.detach().unsqueeze(0)
-    lo, hi = image_extremes(x3)
-    scale = magnitude_scale(lo, hi)
-    head = (lo.amin().to(torch.float64), hi.amax().to(torch.float64), (scale != 1).any().to(torch.float64))
-    parts = [torch.stack(head)]
-    if lengths is not None:
-        parts.append(lengths.detach().to(device=x.device, dtype=torch.float64))
-    values = torch.cat(parts).tolist()
-    if not (math.isfinite(values[0]) and math.isfinite(values[1])):
+
+def read_select_data(probe: torch.Tensor, x: torch.Tensor, lengths: Optional[torch.Tensor],
+                     keep: Union[int, float], name: str = "features") -> SelectData:
+    """Read :func:`select_probe`'s values in one device-to-host transfer (the one host sync) and
+    check them: non-finite features or out-of-range lengths raise ValueError. x: the (B, N, d)
+    features probed; lengths: the (B,) tensor probed, or None; ``keep`` is checked against it.
+    The magnitude scale is taken per image, so an image of extreme magnitude changes no other
+    image's arithmetic."""
+    from .kernel import SAFE_MAGNITUDE, host_magnitude_scale
+
+    B = x.shape[0]
+    values = probe.tolist()
+    lo, hi = values[:B], values[B : 2 * B]
+    if not all(map(math.isfinite, values[: 2 * B])):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-    scale = scale if values[2] else None
+    amax = [max(-a, b) for a, b in zip(lo, hi)]
+    scale = None
+    if min(amax) < SAFE_MAGNITUDE[0] or max(amax) > SAFE_MAGNITUDE[1]:
+        scale = [host_magnitude_scale(a, b, x.dtype) for a, b in zip(lo, hi)]
     if lengths is None:
         return SelectData(scale=scale, lengths=None)
-    lens = [int(v) for v in values[3:]]
+    lens = [int(v) for v in values[2 * B :]]
     check_length_values(lens, x.shape[-2], keep)
     return SelectData(scale=scale, lengths=lens)
 

@@ -27,8 +27,11 @@ Figures (:data:`H100`, :data:`H200`, :data:`LATENCY`; vendor peaks, the rest sta
   a thread-block cluster 1.5 us (a cluster barrier and a distributed-shared-memory exchange of the
   argmax on top); a dependent global-memory round trip inside a loop 0.5 us. A step of the public
   loop or of the torch greedy is a chain of framework ops instead (launch-bound).
-- select's glue (:data:`SELECT_HOST_SYNCS`): one host synchronisation per call, the input check
-  (tests/test_host_sync.py holds select to it).
+- select's glue (:data:`SELECT_HOST_SYNCS`): one host synchronisation per call, the input check's
+  read, issued after the selection so that it waits for the finished call (tests/test_host_sync.py
+  holds select to one). With ``check=False`` the per-image scale is computed on the device instead
+  (~14 small ops; meant for CUDA-graph capture, where they cost only device time) and nothing is
+  read; the model covers the default, ``check=True``.
 
 Tensor cores run only fp16 products that keep fp32-level accuracy: the Triton similarity's hi/lo
 split of fp16 input and the Triton kernel matrix's split-fp16 G (three products). Every other fp32
@@ -221,13 +224,20 @@ def triton_gemm_block(batch: int, n: int, fp16: bool, gpu: Gpu) -> int:
 
 # Host synchronisations of one select call outside the greedy (its input check).
 SELECT_HOST_SYNCS = 1
+# Framework ops of the check on a GPU without lengths (otprune._validate.select_probe: the (2, B)
+# output's allocation and one per-image min/max reduction kernel writing into it; a test counts
+# them). The host reads it only after the selection has been issued, so the one sync comes last and
+# max(host, device) + sync bounds the call.
+SELECT_CHECK_OPS = 2
+SELECT_CHECK_KERNELS = 1
 
 
 def _validation(shape: Shape) -> Phase:
-    """select's input check: one fused max|x| reduction, read back by the host."""
+    """select's input check: each image's min and max (one reduction over x) gathered into one
+    tensor, read by the host at the end of the call."""
     B, N, d = shape.B, shape.N, shape.d
-    return Phase("validate", hbm_bytes=B * N * d * _ITEMSIZE[shape.dtype], kernels=1, host_ops=1,
-                 host_syncs=SELECT_HOST_SYNCS)
+    return Phase("validate", hbm_bytes=B * N * d * _ITEMSIZE[shape.dtype], kernels=SELECT_CHECK_KERNELS,
+                 host_ops=SELECT_CHECK_OPS, host_syncs=SELECT_HOST_SYNCS)
 
 
 def _similarity_torch(shape: Shape, gpu: Gpu) -> Phase:

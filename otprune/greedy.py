@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._validate import device_ints
+from ._validate import device_values
 from .kernel import symmetric_gram
 
 ROWS = ("auto", "lazy", "full")
@@ -144,7 +144,7 @@ def greedy_picks(
         torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[t + 1]))
     picks = picks.view(k_max, B).T
     if ragged:
-        k_t = device_ints(ks, dev).unsqueeze(1)
+        k_t = device_values(ks, dev).unsqueeze(1)
         picks = torch.where(torch.arange(k_max, device=dev).unsqueeze(0) < k_t, picks, -1)
     return picks.contiguous()
 

@@ -24,31 +24,48 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def image_extremes(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of each image of (B, N, d) ``x``: two (B, 1, 1) tensors of x's dtype (NaN where
-    an image holds NaN). On the CPU one fused reduction per image (a per-row ``aminmax(dim=...)`` is
-    ~10x slower there); elsewhere one batched reduction."""
+def image_extremes(x: torch.Tensor) -> torch.Tensor:
+    """(2, B) tensor of x's dtype: row 0 the min, row 1 the max of each image of (B, N, d) ``x``
+    (NaN where an image holds NaN), written in place by the reductions (no concatenation). On the
+    CPU one fused reduction per image (a per-row ``aminmax(dim=...)`` is ~10x slower there);
+    elsewhere one batched reduction."""
+    B = x.shape[0]
+    out = x.new_empty(2, B)
     if x.device.type == "cpu":
-        lo, hi = (torch.stack(v) for v in zip(*(torch.aminmax(x[b]) for b in range(x.shape[0]))))
+        for b in range(B):
+            torch.aminmax(x[b], out=(out[0, b], out[1, b]))
     else:
-        lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
-    return lo.view(-1, 1, 1), hi.view(-1, 1, 1)
+        torch.aminmax(x.reshape(B, -1), dim=1, out=(out[0], out[1]))
+    return out
 
 
 def magnitude_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Powers of two s (float64, lo's shape and device) bringing max |x| into [0.5, 1) where it
-    lies outside :data:`SAFE_MAGNITUDE`, else 1; elementwise.
+    lies outside :data:`SAFE_MAGNITUDE`, else 1; elementwise, in 11 device ops (the unchecked path's
+    scale; the checked path reads the extremes and uses :func:`host_magnitude_scale`).
 
-    lo, hi: min and max of x (any float dtype, same shape; per image from :func:`image_extremes`).
+    lo, hi: min and max of x (any float dtype, same shape; per image: the rows of
+    :func:`image_extremes`).
     A power of two scales exactly, and the normalisation is scale-invariant, so the selection does
-    not change; s = 1 for zero or non-finite input. s stays finite and nonzero in x's accumulation
-    dtype.
+    not change. s stays finite and nonzero in x's accumulation dtype; an all-zero image may get any
+    such s (it stays zero); non-finite extremes give an unspecified s.
     """
-    amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
     maxexp = math.frexp(torch.finfo(accumulation_dtype(lo.dtype)).max)[1]
-    extreme = torch.isfinite(amax) & (amax > 0) & ((amax < SAFE_MAGNITUDE[0]) | (amax > SAFE_MAGNITUDE[1]))
-    exponent = torch.frexp(amax).exponent.clamp(2 - maxexp, maxexp)
-    return torch.where(extreme, torch.ldexp(torch.ones_like(amax), -exponent), 1.0)
+    # max |x|, at least 2^(1 - maxexp): its exponent e then lies in [2 - maxexp, maxexp]
+    amax = torch.maximum(-lo, hi).to(torch.float64).clamp_min(2.0 ** (1 - maxexp))
+    mantissa, _ = torch.frexp(amax)
+    s = mantissa / amax  # exactly 2^-e for amax = m 2^e
+    return torch.where((amax < SAFE_MAGNITUDE[0]) | (amax > SAFE_MAGNITUDE[1]), s, 1.0)
+
+
+def host_magnitude_scale(lo: float, hi: float, dtype: torch.dtype) -> float:
+    """:func:`magnitude_scale` for one image's extremes read on the host (Python floats, ``dtype``
+    the features' dtype): the same power of two, without device ops."""
+    amax = max(abs(lo), abs(hi))
+    if not (math.isfinite(amax) and amax > 0) or SAFE_MAGNITUDE[0] <= amax <= SAFE_MAGNITUDE[1]:
+        return 1.0
+    maxexp = math.frexp(torch.finfo(accumulation_dtype(dtype)).max)[1]
+    return math.ldexp(1.0, -min(max(math.frexp(amax)[1], 2 - maxexp), maxexp))
 
 
 def valid_mask(lengths: Optional[torch.Tensor], B: int, N: int, device) -> Optional[torch.Tensor]:
@@ -160,6 +177,20 @@ def similarity(
     return mirror_lower_(out)
 
 
+def apply_scale(x: torch.Tensor, scale: Optional[List[float]]) -> torch.Tensor:
+    """(B, N, d) ``x`` in its accumulation dtype with image b multiplied by ``scale[b]`` (powers of
+    two from :func:`host_magnitude_scale`); x itself when ``scale`` is None. Off the CPU unequal
+    scales are written on the device by fill kernels, not copied from host memory."""
+    if scale is None:
+        return x
+    from ._validate import device_values
+
+    dtype = accumulation_dtype(x.dtype)
+    if len(set(scale)) == 1:
+        return x.to(dtype) * scale[0]
+    return x.to(dtype) * device_values(scale, x.device, dtype).view(-1, 1, 1)
+
+
 def kernel_from_similarity(s: torch.Tensor, gamma: float) -> torch.Tensor:
     """L = I + gamma * S S^T for (..., N, N) similarity S."""
     n = s.shape[-1]
@@ -178,11 +209,8 @@ def kernel_matrix(features: torch.Tensor, gamma: float = 0.01, normalize: str = 
     gamma = check_gamma(gamma)
     check_normalize(normalize)
     check_gamma_range(gamma, x, normalize)
-    scale = check_features(x).scale
     x3 = x if x.ndim == 3 else x.unsqueeze(0)
-    if scale is not None:
-        dtype = accumulation_dtype(x.dtype)
-        x3 = x3.to(dtype) * scale.to(dtype)
+    x3 = apply_scale(x3, check_features(x3).scale)
     L = kernel_from_similarity(similarity(x3, normalize), gamma)
     return L if x.ndim == 3 else L[0]
 

@@ -217,6 +217,33 @@ def test_torch_step_ops_match_the_loop(rows):
     assert cm.TORCH_STEP_OPS[rows] <= counts[1] - counts[0] <= cm.TORCH_STEP_OPS[rows] + 2
 
 
+def test_check_ops_match_the_probe():
+    """SELECT_CHECK_OPS / SELECT_CHECK_KERNELS are the ops select_probe dispatches on a non-CPU
+    device (the meta device: shapes only) for a batch without lengths."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from otprune._validate import select_probe
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for B in (1, 8):
+        x = torch.empty(B, 576, 64, device="meta", dtype=torch.float16)
+        with Record() as r:
+            probe = select_probe(x, None)
+        assert probe.shape == (2 * B,)
+        allocations = [op for op in r.ops if "empty" in str(op)]
+        assert len(r.ops) == cm.SELECT_CHECK_OPS, r.ops
+        assert len(r.ops) - len(allocations) == cm.SELECT_CHECK_KERNELS, r.ops
+
+
 def test_triton_tiling_matches_the_kernel():
     tg = importlib.import_module("otprune.triton_kernels.greedy")
 

@@ -101,6 +101,46 @@ def test_unchecked_bad_input_is_not_checked_but_does_not_crash(backend):
     assert got[1].tolist() == want[0].tolist() + [-1, -1]
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_checked_select_reads_after_issuing_the_selection(backend, monkeypatch):
+    """The check's one read comes after the greedy was called, so on a GPU the sync waits for the
+    finished call instead of stalling the launches (the cost model relies on it). An image outside
+    the safe magnitude range is selected a second time, with its scale, after the read."""
+    events = []
+    be = otprune.backends.get_backend(backend)
+    greedy = be.greedy
+    monkeypatch.setattr(be, "greedy", lambda *a, **k: events.append("greedy") or greedy(*a, **k))
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: events.append("read") or tolist(self))
+    otprune.select(X, 0.2, backend=backend)
+    assert events == ["greedy", "read"]
+    events.clear()
+    otprune.select(X * 1e30, 0.2, backend=backend)
+    assert events == ["greedy", "read", "greedy"]
+
+
+def test_device_and_host_magnitude_scales_agree():
+    """The unchecked path's device rule (magnitude_scale) and the checked path's host rule
+    (host_magnitude_scale) give the same power of two for every finite nonzero magnitude."""
+    import math
+
+    from otprune.kernel import host_magnitude_scale, magnitude_scale
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        fi = torch.finfo(dtype)
+        mags = [fi.tiny / 1000, fi.tiny / 8, fi.tiny, 1e-300, 1e-30, 1e-13, 1e-12, 1.0000001e-12, 0.3, 1.0,
+                1e12, 1.0001e12, 1e13, 1e30, 1e300, fi.max]
+        for a in mags:
+            for lo, hi in ((0.0, a), (-a, 0.0), (-a / 3, a), (-a, a / 7)):
+                t_lo, t_hi = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
+                if not (math.isfinite(float(t_lo)) and math.isfinite(float(t_hi))) or float(t_hi) == float(t_lo) == 0:
+                    continue
+                want = host_magnitude_scale(float(t_lo), float(t_hi), dtype)
+                assert float(magnitude_scale(t_lo, t_hi)) == want, (dtype, lo, hi)
+                assert want == 1.0 or 0.5 <= max(-float(t_lo), float(t_hi)) * want < 1.0 or want == 2.0 ** (
+                    math.frexp(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max)[1] - 2)
+
+
 LENGTH_CASES = sorted(case for case in CASES if case.startswith("lengths"))
 
 
@@ -145,16 +185,16 @@ class HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_device_ints_fills_without_copying_from_the_host():
+def test_device_values_fills_without_copying_from_the_host():
     values = [5, 5, 3, 9, 9, 9, 5]
-    from otprune._validate import device_ints
+    from otprune._validate import device_values
 
-    cpu = device_ints(values, torch.device("cpu"))
+    cpu = device_values(values, torch.device("cpu"))
     assert cpu.dtype == torch.int64 and cpu.tolist() == values
     with HostToDevice() as spy:
-        meta = device_ints(values, torch.device("meta"))
+        meta = device_values(values, torch.device("meta"))
     assert meta.shape == (7,) and meta.dtype == torch.int64 and spy.copies == []
-    with HostToDevice() as spy:  # the spy sees the copy that device_ints avoids
+    with HostToDevice() as spy:  # the spy sees the copy that device_values avoids
         torch.tensor(values).to("meta")
     assert spy.copies
 
