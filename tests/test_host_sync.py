@@ -250,13 +250,9 @@ def test_cuda_sync_counts(backend, kind):
     assert torch.equal(got, want)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", _cuda_backends())
-def test_cuda_graph_capture_with_list_lengths(backend):
-    """Python lengths are written on the device by captured fills; other pinned host allocations
-    between capture and replay (which could reuse a staging buffer) do not change the result."""
-    x = X.cuda().half()
-    lens = [40, 17, 3]
+def _captured_select(x, lens, backend):
+    """(graph, out): select(check=False) captured in a CUDA graph after a warm-up outside it (lazy
+    init, autotuning); replaying the graph rewrites ``out``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -265,6 +261,17 @@ def test_cuda_graph_capture_with_list_lengths(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    return graph, out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_cuda_graph_capture_with_list_lengths(backend):
+    """Python lengths are written on the device by captured fills; other pinned host allocations
+    between capture and replay (which could reuse a staging buffer) do not change the result."""
+    x = X.cuda().half()
+    lens = [40, 17, 3]
+    graph, out = _captured_select(x, lens, backend)
     for seed in (1, 2):
         torch.full((64,), 7, dtype=torch.int64).pin_memory().cuda(non_blocking=True)
         fresh = features(40, 12, seed, b=3)
@@ -279,14 +286,7 @@ def test_cuda_graph_capture_with_list_lengths(backend):
 def test_cuda_graph_capture(backend):
     x = X.cuda().half()
     lens = torch.tensor([40, 17, 3], device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the capture (lazy init, autotuning)
-        otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = otprune.select(x, 0.2, lengths=lens, backend=backend, check=False)
+    graph, out = _captured_select(x, lens, backend)
     for seed in (1, 2):
         fresh = features(40, 12, seed, b=3)
         x.copy_(fresh)
