@@ -24,6 +24,17 @@
 namespace otprune {
 namespace {
 
+// A residual after its update, d2 - e^2 floored at min(d2, 1): every exact residual of
+// L = I + gamma S S^T is >= 1, and in float32 a large gamma on nearly identical tokens rounds
+// residuals below 1, then below 0, where the updates explode and every item ends at -inf (picks
+// repeat). Taken and padding items (-inf) stay -inf, NaN stays NaN (as torch.maximum).
+template <typename T>
+OTPRUNE_INLINE T residual_update(T d2, T e) {
+  const T left = d2 - e * e;
+  const T floor = d2 < T(1) ? d2 : T(1);
+  return left < floor ? floor : left;
+}
+
 // Index of the largest value; ties go to the lowest index and NaN counts as largest (torch.max).
 template <typename T>
 OTPRUNE_INLINE int64_t argmax(const T* v, int64_t n) {
@@ -98,7 +109,7 @@ OTPRUNE_INLINE void greedy_one(const T* s, bool full, int64_t k, const uint8_t* 
     }
     for (int64_t i = 0; i < n; ++i) {
       e[i] *= scale;
-      d2[i] -= e[i] * e[i];
+      d2[i] = residual_update(d2[i], e[i]);
     }
     d2[j] = neg_inf;
     j = argmax(d2, n);

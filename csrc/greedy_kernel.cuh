@@ -96,6 +96,16 @@ __device__ __forceinline__ float neg_inf<float>() { return -CUDART_INF_F; }
 template <>
 __device__ __forceinline__ double neg_inf<double>() { return -CUDART_INF; }
 
+// A residual after its update, d2 - e^2 floored at min(d2, 1), as the C++ path (greedy_cpu.cpp):
+// every exact residual is >= 1, and rounding with a large gamma could otherwise drive them below
+// 0 and every item to -inf. -inf stays -inf.
+template <typename T>
+__device__ __forceinline__ T residual_update(T d2, T e) {
+  const T left = d2 - e * e;
+  const T floor = d2 < T(1) ? d2 : T(1);
+  return left < floor ? floor : left;
+}
+
 // Whether (v, i) beats (bv, bi): larger value, NaN counts as largest, ties to the lower index
 // (torch.max semantics). A total order, so every lane of a butterfly ends with the same winner.
 template <typename T>
@@ -221,8 +231,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       acc *= scale;
       e[i] = acc;
-      const T left = d2[i] - acc * acc;
-      d2[i] = i == j ? neg_inf<T>() : left;
+      d2[i] = i == j ? neg_inf<T>() : residual_update(d2[i], acc);
     }
     block_argmax(d2, n, 0, red_v, red_i, (t + 1) & 1, j, pivot);
     if (threadIdx.x == 0) out[t + 1] = j;
@@ -315,8 +324,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int r = 0; r < t; ++r) acc -= cj[r] * C[static_cast<size_t>(r) * slice + x];
       acc *= scale;
       e[x] = acc;
-      const T left = d2[x] - acc * acc;
-      d2[x] = i == j ? neg_inf<T>() : left;
+      d2[x] = i == j ? neg_inf<T>() : residual_update(d2[x], acc);
     }
     block_argmax(d2, count, lo, red_v, red_i, (t + 1) & 1, j, pivot);
     cluster_argmax(cluster, win_v, win_i, (t + 1) & 1, j, pivot);

@@ -467,9 +467,10 @@ def _greedy_triton(shape: Shape, gpu: Gpu, lat: Latency, rows: str) -> Phase:
 
 
 # Framework ops per step of otprune.greedy.greedy_picks on a GPU (index arithmetic, row fetch,
-# gather + baddbmm of C, rsqrt, scale, addcmul, index_fill, max writing the next pick in place);
-# "lazy" adds the bmm that forms the row. tests/test_cost_model.py counts them on the real loop.
-TORCH_STEP_OPS = {"full": 9, "lazy": 10}
+# gather + baddbmm of C, rsqrt, scale, the residual update with its floor at 1 (clamp_max, addcmul,
+# maximum), index_fill, max writing the next pick in place); "lazy" adds the bmm that forms the row.
+# tests/test_cost_model.py counts them on the real loop.
+TORCH_STEP_OPS = {"full": 11, "lazy": 12}
 
 
 def _greedy_torch(shape: Shape, gpu: Gpu, lat: Latency, rows: str) -> Phase:

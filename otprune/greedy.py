@@ -16,7 +16,7 @@ alone, lazy / full; torch greedy, then the C++ path; the machine was shared, so 
   B=1 N=1152 k=113: torch 21 / 22       C++ 12 / 17    B=1 N=1152 k=256: torch 52 / 32   C++ 27 / 19
 The rule below (full from k / N >= 0.2 or N >= 1536) takes the faster form in all of these but one,
 the C++ path at B=8 N=576 k=128 (15% slower than lazy there).
-Each lazy step is nine small torch ops plus one batched row product; on the 2-core CPU the small
+Each lazy step is eleven small torch ops plus one batched row product; on the 2-core CPU the small
 ops cost ~50-80 us per step whatever B is, and the row product reads all of S (10.6 MB at B=8
 N=576) at two thirds to three quarters of the rate a plain reduction reads it.
 The identity term e_j only touches entry j of the new Cholesky row, which belongs to an item that
@@ -117,6 +117,7 @@ def greedy_picks(
     cj = s.new_empty(B, K, 1)  # C[:, j] of every image
     cj_row = cj.transpose(1, 2)
     pivot_col = d2.new_empty(B, 1)
+    floor = torch.empty_like(d2)  # min(d2, 1) of the step, the residuals' lower bound
     pivot = pivot_col.view(B)
     torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[0]))
     d2_flat = d2.view(-1)
@@ -139,7 +140,13 @@ def greedy_picks(
             scale = pivot_col.rsqrt_()
         row = c_rows[t]
         torch.mul(e_flat, scale, out=row)
+        # d2 = max(d2 - row^2, min(d2, 1)): every exact residual is >= 1 (L is I plus a PSD matrix),
+        # and in float32 a large gamma on nearly identical tokens can round residuals below 1, then
+        # below 0, where the updates explode and every item ends at -inf (picks repeat). Taken and
+        # padding items (-inf) stay -inf.
+        torch.clamp_max(d2, 1.0, out=floor)
         d2.addcmul_(row, row, value=-1.0)
+        torch.maximum(d2, floor, out=d2)
         d2_flat.index_fill_(0, flat, float("-inf"))
         torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[t + 1]))
     picks = picks.view(k_max, B).T

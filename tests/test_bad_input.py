@@ -98,6 +98,23 @@ def _assert_valid(idx, n, k):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("keep", [1.0, 39, 30])
+@pytest.mark.parametrize("rows", ["lazy", "full"])
+def test_large_gamma_on_identical_tokens_keeps_distinct_tokens(backend, keep, rows, monkeypatch):
+    """gamma = 100 on 40 identical tokens: L = I + c 11^T with c ~ 1e6, so float32 residuals lose
+    about 0.1 a step to cancellation. Without the residuals' floor at 1 they fell below 0, the
+    updates exploded and picks repeated; now every pick is a distinct token."""
+    from otprune import greedy
+
+    monkeypatch.setattr(greedy, "FULL_ROWS_MIN_SHARE", 0.0 if rows == "full" else 2.0)
+    torch.manual_seed(0)
+    x = torch.randn(1, 700).expand(40, 700).contiguous()
+    k = 40 if keep == 1.0 else keep
+    for check in (True, False):
+        _assert_valid(quiet_select(x, keep, gamma=100.0, backend=backend, check=check), 40, k)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_duplicate_tokens(backend):
     base = torch.randn(6, 16)
     x = base.repeat(8, 1)  # 48 tokens, 6 distinct
