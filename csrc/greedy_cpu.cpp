@@ -24,15 +24,16 @@
 namespace otprune {
 namespace {
 
-// A residual after its update, d2 - e^2 floored at min(d2, 1): every exact residual of
-// L = I + gamma S S^T is >= 1, and in float32 a large gamma on nearly identical tokens rounds
-// residuals below 1, then below 0, where the updates explode and every item ends at -inf (picks
-// repeat). Taken and padding items (-inf) stay -inf, NaN stays NaN (as torch.maximum).
+// A residual after its update, d2 - e^2 floored at min(d2, 1) (a NaN update falls to the floor,
+// as torch.fmax): every exact residual of L = I + gamma S S^T is >= 1, and in float32 a large gamma
+// on nearly identical tokens rounds residuals below 1, then below 0, where the Cholesky rows
+// explode to inf and NaN and picks would repeat. Live items stay >= 1, taken and padding items
+// -inf, so every pick is a distinct real token whatever the rounding.
 template <typename T>
 OTPRUNE_INLINE T residual_update(T d2, T e) {
   const T left = d2 - e * e;
   const T floor = d2 < T(1) ? d2 : T(1);
-  return left < floor ? floor : left;
+  return left >= floor ? left : floor;
 }
 
 // Index of the largest value; ties go to the lowest index and NaN counts as largest (torch.max).

@@ -96,14 +96,14 @@ __device__ __forceinline__ float neg_inf<float>() { return -CUDART_INF_F; }
 template <>
 __device__ __forceinline__ double neg_inf<double>() { return -CUDART_INF; }
 
-// A residual after its update, d2 - e^2 floored at min(d2, 1), as the C++ path (greedy_cpu.cpp):
-// every exact residual is >= 1, and rounding with a large gamma could otherwise drive them below
-// 0 and every item to -inf. -inf stays -inf.
+// A residual after its update, d2 - e^2 floored at min(d2, 1), a NaN update falling to the floor,
+// as the C++ path (greedy_cpu.cpp): every exact residual is >= 1, and rounding with a large gamma
+// could otherwise drive them below 0 and the Cholesky rows to NaN, and picks would repeat.
 template <typename T>
 __device__ __forceinline__ T residual_update(T d2, T e) {
   const T left = d2 - e * e;
   const T floor = d2 < T(1) ? d2 : T(1);
-  return left < floor ? floor : left;
+  return left >= floor ? left : floor;
 }
 
 // Whether (v, i) beats (bv, bi): larger value, NaN counts as largest, ties to the lower index

@@ -140,13 +140,14 @@ def greedy_picks(
             scale = pivot_col.rsqrt_()
         row = c_rows[t]
         torch.mul(e_flat, scale, out=row)
-        # d2 = max(d2 - row^2, min(d2, 1)): every exact residual is >= 1 (L is I plus a PSD matrix),
-        # and in float32 a large gamma on nearly identical tokens can round residuals below 1, then
-        # below 0, where the updates explode and every item ends at -inf (picks repeat). Taken and
-        # padding items (-inf) stay -inf.
+        # d2 = fmax(d2 - row^2, min(d2, 1)): every exact residual is >= 1 (L is I plus a PSD matrix),
+        # and in float32 a large gamma on nearly identical tokens rounds residuals below 1, then
+        # below 0, where the Cholesky rows explode to inf and NaN and picks would repeat. With the
+        # floor (fmax: a NaN update falls to it too) live items stay >= 1 and taken or padding items
+        # -inf, so every pick is a distinct real token whatever the rounding.
         torch.clamp_max(d2, 1.0, out=floor)
         d2.addcmul_(row, row, value=-1.0)
-        torch.maximum(d2, floor, out=d2)
+        torch.fmax(d2, floor, out=d2)
         d2_flat.index_fill_(0, flat, float("-inf"))
         torch.max(d2, -1, keepdim=True, out=(pivot_col, pick_rows[t + 1]))
     picks = picks.view(k_max, B).T

@@ -112,6 +112,12 @@ def test_large_gamma_on_identical_tokens_keeps_distinct_tokens(backend, keep, ro
     k = 40 if keep == 1.0 else keep
     for check in (True, False):
         _assert_valid(quiet_select(x, keep, gamma=100.0, backend=backend, check=check), 40, k)
+    # 17 rank-one tokens at gamma = 1000: the C++ path repeated picks here without the floor
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(17, 1, generator=g) @ torch.randn(1, 474, generator=g)).half()
+    k = 17 if keep == 1.0 else 12
+    for check in (True, False):
+        _assert_valid(quiet_select(x, k, gamma=1000.0, backend=backend, check=check), 17, k)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -83,13 +83,14 @@ def rows_off_chip_limit(binary, n, elem):
     return launch_plan(binary, n, 2, elem, 1 << 30)[1] - n * elem
 
 
-def run_kernel(binary, src, ks, valid=None, full=False, smem_limit=SM90, max_cluster=0, pass_ks=True, timeout=120):
+def run_kernel(binary, src, ks, valid=None, full=False, smem_limit=SM90, max_cluster=0, pass_ks=True, timeout=120,
+               gamma=GAMMA):
     """Run the emulated kernel on (B, N, N) ``src`` (S, or G when ``full``), one block per image
     (max_cluster 0) or one cluster of up to max_cluster blocks; (B, max(ks)) int64 picks."""
     B, N, _ = src.shape
     k_max = max(ks)
     head = [src.element_size(), B, N, k_max, int(pass_ks), int(valid is not None), int(full), smem_limit, max_cluster]
-    parts = [np.array(head, dtype=np.int64).tobytes(), np.float64(GAMMA).tobytes(), src.contiguous().numpy().tobytes()]
+    parts = [np.array(head, dtype=np.int64).tobytes(), np.float64(gamma).tobytes(), src.contiguous().numpy().tobytes()]
     if pass_ks:
         parts.append(np.asarray(ks, dtype=np.int64).tobytes())
     if valid is not None:
@@ -227,6 +228,35 @@ def test_equal_budgets_past_a_rows_tokens(simt_binary, full, rows_home):
     assert ((got >= 0) & (got < 37)).all(), got
     cut = torch.where(torch.arange(8) < torch.tensor(ks).unsqueeze(1), got, -1)
     assert check_against_reference_and_cpu(x, s, valid, ks, cut) >= 1
+
+
+def _rank_one_case():
+    """17 rank-one tokens (fp16-rounded) and gamma = 1000: float32 residuals lose a large share to
+    cancellation, and without the residuals' floor at 1 the kernel repeats picks."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 17, 1, generator=g) @ torch.randn(1, 474, generator=g)).half().float()
+    return similarity(x), 1000.0
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lazy", "full"])
+def test_large_gamma_on_rank_one_tokens_keeps_distinct_tokens(simt_binary, full):
+    s, gamma = _rank_one_case()
+    for k in (17, 12):
+        got = run_kernel(simt_binary("plain"), gamma_gram(s, gamma) if full else s, [k], full=full, gamma=gamma)
+        row = got[0].tolist()
+        assert len(set(row)) == k and all(0 <= i < 17 for i in row), row
+
+
+def test_emulation_catches_a_missing_residual_floor(tmp_path):
+    """The case above can fail: with residual_update's floor removed the kernel repeats picks."""
+    kernel = (CSRC / "greedy_kernel.cuh").read_text()
+    floor = "  return left >= floor ? left : floor;\n}"
+    assert floor in kernel
+    (tmp_path / "greedy_kernel.cuh").write_text(kernel.replace(floor, "  return left;\n}", 1))
+    binary = tmp_path / "driver_no_floor"
+    build_driver(binary, BUILDS["plain"][0], kernel_dir=tmp_path)
+    s, gamma = _rank_one_case()
+    assert len(set(run_kernel(binary, s, [17], gamma=gamma)[0].tolist())) < 17
 
 
 @pytest.mark.parametrize("n", [1, 31, 37, 576, 577, 1024, 1025, 1100, 2880, 6016])

@@ -169,6 +169,18 @@ def test_greedy_equal_budgets_past_a_rows_tokens(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["full", "lazy"])
+def test_greedy_large_gamma_on_rank_one_tokens_keeps_distinct_tokens(strategy):
+    """gamma = 1000 on 17 rank-one tokens: float32 residuals lose a large share to cancellation;
+    without the residuals' floor at 1 this kernel kept 11 (lazy) or 9 (full) distinct tokens of 17."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 17, 1, generator=g) @ torch.randn(1, 474, generator=g)).half().float()
+    s = tk.similarity(x.to(DEV))
+    for k in (17, 12):
+        row = tk.greedy(s, [k], 1000.0, strategy=strategy)[0].tolist()
+        assert len(set(row)) == k and all(0 <= i < 17 for i in row), row
+
+
+@pytest.mark.parametrize("strategy", ["full", "lazy"])
 def test_greedy_column_chunks_give_the_same_picks(strategy, monkeypatch):
     """Beyond MAX_BLOCK_N columns (1024) a step loops over column chunks with the residuals in a
     scratch; forced here with 8-column chunks: the same picks, ties still to the lowest index."""

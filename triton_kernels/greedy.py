@@ -133,8 +133,10 @@ def _greedy_kernel(
             e = tl.div_rn(e, root)
             tl.store(c_b + t * N + cols, e, mask=in_n)
             d2 = tl.load(d2_b + cols, mask=in_n, other=float("-inf"))
-            # floored at min(d2, 1): exact residuals are >= 1 (otprune.greedy); -inf stays -inf
-            d2 = tl.where(cols == j, float("-inf"), tl.maximum(d2 - e * e, tl.minimum(d2, 1.0)))
+            # floored at min(d2, 1), a NaN update too: exact residuals are >= 1 (otprune.greedy)
+            left = d2 - e * e
+            fl = tl.minimum(d2, 1.0)
+            d2 = tl.where(cols == j, float("-inf"), tl.where(left >= fl, left, fl))
             tl.store(d2_b + cols, d2, mask=in_n)
             best, j_next = _argmax_update(d2, c0, best, j_next)
         tl.debug_barrier()  # row t of C and d2 are re-read by other threads at the next step
