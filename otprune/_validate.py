@@ -134,14 +134,6 @@ def check_feature_shape(features, name: str = "features") -> torch.Tensor:
     return features
 
 
-def check_features(features, name: str = "features") -> SelectData:
-    """:func:`check_feature_shape` plus finite values (one host sync); returns the per-image
-    magnitude scales (:func:`read_select_data`)."""
-    x = check_feature_shape(features, name)
-    x3 = x if x.ndim == 3 else x.unsqueeze(0)
-    return read_select_data(select_probe(x3, None), x3, None, 1, name)
-
-
 def select_probe(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     """What a checked selection reads, still on the device (no sync yet): each image's min, then each
     image's max (B values each, x's dtype; float64 when ``lengths`` is given), then the lengths.

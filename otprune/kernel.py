@@ -203,14 +203,15 @@ def kernel_matrix(features: torch.Tensor, gamma: float = 0.01, normalize: str = 
 
     Returns (N, N) or (B, N, N) in float32 (float64 for float64 input).
     """
-    from ._validate import check_feature_shape, check_features, check_gamma, check_gamma_range, check_normalize
+    from ._validate import (check_feature_shape, check_gamma, check_gamma_range, check_normalize,
+                            read_select_data, select_probe)
 
     x = check_feature_shape(features)
     gamma = check_gamma(gamma)
     check_normalize(normalize)
     check_gamma_range(gamma, x, normalize)
     x3 = x if x.ndim == 3 else x.unsqueeze(0)
-    x3 = apply_scale(x3, check_features(x3).scale)
+    x3 = apply_scale(x3, read_select_data(select_probe(x3, None), x3, None, 1).scale)  # one host sync
     L = kernel_from_similarity(similarity(x3, normalize), gamma)
     return L if x.ndim == 3 else L[0]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from otprune import backends
 from otprune import cost_model as cm
@@ -190,53 +191,42 @@ def test_cuda_launch_choice_matches_the_compiled_header(plan_driver):
         assert got == (want.threads, want.smem_bytes, want.rows_on_chip, want.cluster, want.slice), (gpu.name, batch, n)
 
 
+class NonViewOps(TorchDispatchMode):
+    """Records every non-view op dispatched inside it (``ops``), as the host would issue them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("rows", ["full", "lazy"])
 def test_torch_step_ops_match_the_loop(rows):
     """TORCH_STEP_OPS is at most the number of non-view ops one step of greedy_picks dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from otprune.greedy import greedy_picks
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.n += 1
-            return func(*args, **(kwargs or {}))
 
     s = torch.randn(2, 24, 24, generator=torch.Generator().manual_seed(0))
     s = s + s.transpose(1, 2)
     counts = []
     for k in (5, 6):
-        with Count() as c:
+        with NonViewOps() as c:
             greedy_picks(s, [k, k], 0.01, rows=rows)
-        counts.append(c.n)
+        counts.append(len(c.ops))
     assert cm.TORCH_STEP_OPS[rows] <= counts[1] - counts[0] <= cm.TORCH_STEP_OPS[rows] + 2
 
 
 def test_check_ops_match_the_probe():
     """SELECT_CHECK_OPS / SELECT_CHECK_KERNELS are the ops select_probe dispatches on a non-CPU
     device (the meta device: shapes only) for a batch without lengths."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from otprune._validate import select_probe
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops.append(func)
-            return func(*args, **(kwargs or {}))
 
     for B in (1, 8):
         x = torch.empty(B, 576, 64, device="meta", dtype=torch.float16)
-        with Record() as r:
+        with NonViewOps() as r:
             probe = select_probe(x, None)
         assert probe.shape == (2 * B,)
         allocations = [op for op in r.ops if "empty" in str(op)]
