@@ -25,19 +25,37 @@ import hf_tiny  # noqa: E402
 sys.path.pop(0)
 
 MAX_TOKENS = 8
-# (prompt text, indices into images()): image sizes differ, so LLaVA-NeXT images differ in N.
+# (prompt text, indices into images()): image sizes differ, so LLaVA-NeXT and Qwen images differ in N.
 PROMPTS: List[Tuple[str, List[int]]] = [
     ("user : what is in this image ? <image> describe assistant :", [0]),
     ("user : compare <image> and <image> , left or right ? assistant :", [1, 2]),
     ("user : <image> what is this picture ? assistant :", [2]),
 ]
-ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, seed=0, limit_mm_per_prompt={"image": 2},
-                   max_num_seqs=4, enforce_eager=True)
+# Qwen-VL: its image marker, and images of 96 / 84 / 100 merged tokens (224 x 336, 336 x 196,
+# 280 x 280 px), so that k = round(0.1 N) is about 10 and the kept tokens' positions matter.
+QWEN_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_SIZES = ((224, 336), (336, 196), (280, 280))
+ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, seed=0, max_num_seqs=4, enforce_eager=True)
 
 
-def images():
+def is_qwen(model_type: str) -> bool:
+    return model_type.startswith("qwen")
+
+
+def prompts(model_type: str) -> List[Tuple[str, List[int]]]:
+    """:data:`PROMPTS` with the model family's image marker."""
+    marker = QWEN_MARKER if is_qwen(model_type) else "<image>"
+    return [(text.replace("<image>", marker), idx) for text, idx in PROMPTS]
+
+
+def images(model_type: str):
     """The prompts' images (RGB PIL), deterministic."""
-    return hf_tiny.tiny_images(3, seed=0)
+    return hf_tiny.tiny_images(3, seed=0, **({"sizes": QWEN_SIZES} if is_qwen(model_type) else {}))
+
+
+def engine_args(model_type: str) -> dict:
+    limits = {"image": 2, "video": 0} if is_qwen(model_type) else {"image": 2}
+    return dict(ENGINE_ARGS, limit_mm_per_prompt=limits)
 
 
 def main() -> None:
@@ -50,11 +68,14 @@ def main() -> None:
         import otprune.vllm
 
         otprune.vllm.enable(keep=args.enable)
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, **ENGINE_ARGS)
-    imgs = images()
-    requests = [{"prompt": text, "multi_modal_data": {"image": [imgs[i] for i in idx]}} for text, idx in PROMPTS]
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    llm = LLM(model=args.model, **engine_args(model_type))
+    imgs = images(model_type)
+    requests = [{"prompt": text, "multi_modal_data": {"image": [imgs[i] for i in idx]}}
+                for text, idx in prompts(model_type)]
     outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     from vllm.model_executor.model_loader import get_model_architecture
 

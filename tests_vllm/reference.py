@@ -24,17 +24,19 @@ def image_runs(ids: List[int], image_token_id: int) -> List[int]:
 
 
 def transformers_reference(path: str, keep: float) -> List[Dict[str, list]]:
-    """Per prompt of engine_run.PROMPTS: ``n_tokens`` (visual tokens per image, unpruned),
+    """Per prompt of engine_run.prompts(): ``n_tokens`` (visual tokens per image, unpruned), the
+    ``image_token_id``,
     ``unpruned`` and ``pruned`` (greedy ids, the latter with ``otprune.apply(model, keep=keep)``)."""
     import otprune
 
     model, processor = tiny_models.load_tiny(path)
-    imgs = engine_run.images()
+    model_type = model.config.model_type
+    imgs = engine_run.images(model_type)
     out = []
-    for text, idx in engine_run.PROMPTS:
+    for text, idx in engine_run.prompts(model_type):
         inputs = processor(images=[imgs[i] for i in idx], text=text, return_tensors="pt")
         n_tokens = image_runs(inputs["input_ids"][0].tolist(), model.config.image_token_id)
-        row = dict(n_tokens=n_tokens)
+        row = dict(n_tokens=n_tokens, image_token_id=model.config.image_token_id)
         for name in ("unpruned", "pruned"):
             if name == "pruned":
                 otprune.apply(model, keep=keep)

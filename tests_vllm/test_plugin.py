@@ -61,8 +61,24 @@ def test_env_route_registers_the_pruning_classes(clean_env, monkeypatch):
     for arch in ARCHS:
         entry = clean_env.models[arch]
         assert f"{entry.module_name}:{entry.class_name}" == otprune.vllm.ARCHS[arch]
-    cls = clean_env._try_load_model_cls("LlavaNextForConditionalGeneration")
-    assert cls.__name__ == "OTPruneLlavaNextForConditionalGeneration"
+    for arch, target in otprune.vllm.ARCHS.items():
+        cls = clean_env._try_load_model_cls(arch)
+        assert f"{cls.__module__}:{cls.__name__}" == target
+
+
+@pytest.mark.parametrize("rate, pp, words", [(0.5, 1, "video_pruning_rate=0.5"), (None, 2, "pipeline_parallel_size")])
+def test_qwen_refuses_evs_and_pipeline_parallelism(clean_env, monkeypatch, rate, pp, words):
+    """Checked before vLLM's model is built, so a bad engine fails at start, naming the setting."""
+    from types import SimpleNamespace
+
+    from otprune.vllm.qwen_vl import OTPruneQwen2_5_VLForConditionalGeneration, OTPruneQwen2VLForConditionalGeneration
+
+    monkeypatch.setenv("OTPRUNE_KEEP", "0.1")
+    cfg = SimpleNamespace(model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=rate)),
+                          parallel_config=SimpleNamespace(pipeline_parallel_size=pp))
+    for cls in (OTPruneQwen2VLForConditionalGeneration, OTPruneQwen2_5_VLForConditionalGeneration):
+        with pytest.raises(ValueError, match=words):
+            cls(vllm_config=cfg)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +116,8 @@ def test_enable_and_disable(clean_env):
     assert s == Settings(0.2, 0, {"compat": "official", "gamma": 0.05})
     assert os.environ["OTPRUNE_KEEP"] == "0.2" and os.environ["OTPRUNE_COMPAT"] == "official"
     assert otprune.vllm.settings() == s  # what the engine's processes will read
-    assert all(clean_env.models[a].module_name == "otprune.vllm.models" for a in ARCHS)
+    assert all(f"{clean_env.models[a].module_name}:{clean_env.models[a].class_name}" == otprune.vllm.ARCHS[a]
+               for a in ARCHS)
     assert otprune.vllm.enable(keep=56) == Settings(56, 0, {})  # a count; earlier options dropped
     assert "OTPRUNE_COMPAT" not in os.environ
     otprune.vllm.disable()

@@ -1,11 +1,13 @@
-"""Tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints saved to a folder that vLLM can serve offline.
+"""Tiny random LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoints saved to a folder that vLLM
+can serve offline.
 
-The towers, tokenizer and image processors are those of tests/hf_tiny.py, with a language model
-whose head_dim is 32 (vLLM's CPU attention needs head_dim >= 32). transformers saves the CLIP
-tower's weights as ``...vision_tower.embeddings...``; vLLM loads ``vision_tower.vision_model.*``,
-so the saved keys are renamed.
+The towers, tokenizers and image processors are those of tests/hf_tiny.py and tests/qwen_tiny.py,
+with a language model whose head_dim is 32 (vLLM's CPU attention needs head_dim >= 32). transformers
+saves the CLIP tower's weights as ``...vision_tower.embeddings...``; vLLM loads
+``vision_tower.vision_model.*``, so the saved keys are renamed. The Qwen checkpoints take images of
+up to 336 x 336 px (up to 144 merged tokens) so that a kept token's position matters.
 
-    path = save_tiny("llava", folder)       # or "llava_next"
+    path = save_tiny("llava", folder)       # or "llava_next", "qwen2_vl", "qwen2_5_vl"
     model, processor = load_tiny(path)      # the same weights in transformers, float32, eval mode
 """
 
@@ -19,10 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import hf_tiny  # noqa: E402
+import qwen_tiny  # noqa: E402
 
 sys.path.pop(0)
 
-KINDS = ("llava", "llava_next")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl")
+QWEN_MAX_PIXELS = (24 * 14) ** 2
 
 
 def _text_config():
@@ -43,10 +48,45 @@ def _text_config():
     )
 
 
+def _build_qwen(kind: str, seed: int) -> Tuple[Any, Any]:
+    """qwen_tiny's model with a head_dim-32 language model (M-RoPE sections 4 + 6 + 6 of its 16
+    frequencies), its tokenizer and a Qwen2VLImageProcessor up to QWEN_MAX_PIXELS."""
+    import transformers
+
+    tokenizer = qwen_tiny._tokenizer()
+    cfg = qwen_tiny._config(kind, qwen_tiny._ids(tokenizer))
+    cfg.text_config.head_dim = 32
+    cfg.text_config.num_attention_heads = 2
+    cfg.text_config.num_key_value_heads = 1
+    cfg.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
+    cls = transformers.Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    patch = cfg.vision_config.patch_size
+    image_processor = hf_tiny._image_processor(
+        "Qwen2VLImageProcessor", patch_size=patch, merge_size=2, temporal_patch_size=2,
+        min_pixels=(2 * patch) ** 2, max_pixels=QWEN_MAX_PIXELS,
+    )
+    return model, _QwenFiles(image_processor, tokenizer)
+
+
+class _QwenFiles(qwen_tiny.QwenImageProcessor):
+    """The image-only Qwen processor, saved as its tokenizer and image processor files."""
+
+    def save_pretrained(self, path: str) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
 def build_tiny(kind: str, seed: int = 0) -> Tuple[Any, Any]:
-    """(model, processor) in transformers: hf_tiny's geometry with a head_dim-32 language model."""
+    """(model, processor) in transformers: hf_tiny's / qwen_tiny's geometry with a head_dim-32
+    language model."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind in QWEN_KINDS:
+        return _build_qwen(kind, seed)
     from transformers import LlavaConfig, LlavaNextConfig
 
     _, processor = hf_tiny.tiny_llava(seed) if kind == "llava" else hf_tiny.tiny_llava_next(seed)
@@ -100,9 +140,18 @@ def _vllm_key(key: str) -> str:
 
 def load_tiny(path: str) -> Tuple[Any, Any]:
     """The saved checkpoint in transformers (it reads either key layout), with its processor."""
+    import transformers
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type in QWEN_KINDS:
+        cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+               "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[cfg.model_type]
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        processor = qwen_tiny.QwenImageProcessor(
+            transformers.AutoImageProcessor.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        )
+        return model, processor
     cls = LlavaNextForConditionalGeneration if cfg.model_type == "llava_next" else LlavaForConditionalGeneration
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(path)

@@ -1,4 +1,5 @@
-"""OTPrune inside vLLM: a ``vllm.general_plugins`` entry point for LLaVA-1.5 and LLaVA-NeXT.
+"""OTPrune inside vLLM: a ``vllm.general_plugins`` entry point for LLaVA-1.5, LLaVA-NeXT, Qwen2-VL
+and Qwen2.5-VL.
 
 Installed with otprune, the plugin is loaded by vLLM in every one of its processes (API server,
 engine core, workers) and calls :func:`register`. It does nothing unless the process's environment
@@ -9,7 +10,9 @@ replaces vLLM's ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalG
 subclasses (:mod:`otprune.vllm.models`) whose processor emits k = round(r * N) placeholders per
 image (N: the image's visual tokens, LLaVA-NeXT's packed anyres sequence with its newline tokens
 included) and whose encoder returns the k embeddings OTPrune keeps, in ascending order (the
-release's order with ``OTPRUNE_COMPAT=official``). Only pruning before the language model
+release's order with ``OTPRUNE_COMPAT=official``); and ``Qwen2VLForConditionalGeneration`` /
+``Qwen2_5_VLForConditionalGeneration`` likewise per image or video (:mod:`otprune.vllm.qwen_vl`),
+the kept tokens keeping their own M-RoPE positions. Only pruning before the language model
 (layer 0) exists here; ``OTPRUNE_LAYER`` / ``LAYER_INDEX`` > 0 is refused.
 
 Python users who build the engine in code call :func:`enable` before constructing ``vllm.LLM``.
@@ -27,6 +30,8 @@ from ..autopatch import Settings, settings_from_env
 ARCHS = {
     "LlavaForConditionalGeneration": "otprune.vllm.models:OTPruneLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "otprune.vllm.models:OTPruneLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen2_5_VLForConditionalGeneration",
 }
 # What enable() writes; disable() removes them again.
 _ENV = ("OTPRUNE_KEEP", "OTPRUNE_COMPAT", "OTPRUNE_GAMMA", "OTPRUNE_NORMALIZE", "OTPRUNE_BACKEND")
@@ -57,7 +62,7 @@ def settings(environ=None) -> Optional[Settings]:
 
 
 def register() -> None:
-    """vLLM's plugin hook: swap in the pruning LLaVA classes when the environment enables pruning.
+    """vLLM's plugin hook: swap in the pruning model classes when the environment enables pruning.
 
     A no-op (vLLM untouched) when the variables are unset; raises ValueError on bad settings, so
     the engine fails at start.
@@ -115,7 +120,7 @@ def enable(
 
 
 def disable() -> None:
-    """Undo :func:`enable`: remove its variables and restore vLLM's own LLaVA classes.
+    """Undo :func:`enable`: remove its variables and restore vLLM's own model classes.
 
     The release's ``BASELINE`` / ``SUBSET_RATIO`` are left alone: unset them too if they are set.
     """
