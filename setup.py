@@ -11,6 +11,8 @@ Build with `pip install --no-build-isolation .` so that the installed torch is u
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -32,12 +34,38 @@ def _warn(msg):
           file=sys.stderr)
 
 
+def _cuda_home_from_nvcc():
+    """Set CUDA_HOME to the toolkit nvcc reports (its TOP) when neither CUDA_HOME nor CUDA_PATH is
+    set and that toolkit has the CUDA headers. Otherwise torch guesses two folders above the first
+    nvcc on PATH, which is wrong for a wrapper script such as /usr/local/bin/nvcc (the build then
+    fails on a missing cuda_runtime_api.h)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        out = subprocess.run([nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
 def _extension_setup():
     """(ext_modules, cmdclass) for setup(); empty when the extension is skipped."""
     if _flag("OTPRUNE_SKIP_EXT"):
         return [], {}
     try:
         import torch
+
+        if torch.version.cuda is not None and not _flag("OTPRUNE_SKIP_CUDA"):
+            _cuda_home_from_nvcc()
         from torch.utils import cpp_extension
     except ImportError as err:
         if FORCE_CUDA:
