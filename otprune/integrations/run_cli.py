@@ -120,11 +120,22 @@ def _load(model_id: str, device: str, dtype_name: str) -> Tuple[Any, Any]:
     except ImportError:
         if config.model_type not in QWEN_TYPES:
             raise
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        image_processor = AutoImageProcessor.from_pretrained(model_id)
-        processor = QwenImageProcessor(image_processor, AutoTokenizer.from_pretrained(model_id))
+        processor = QwenImageProcessor(_pil_image_processor(model_id), AutoTokenizer.from_pretrained(model_id))
     return model, processor
+
+
+def _pil_image_processor(model_id: str) -> Any:
+    """The checkpoint's image processor, as its PIL class where transformers has one: before 5.23
+    AutoImageProcessor insists on the torchvision-backed class even with use_fast=False."""
+    import transformers
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    name = ImageProcessingMixin.get_image_processor_dict(model_id)[0].get("image_processor_type", "")
+    cls = getattr(transformers, name.removesuffix("Fast") + "Pil", None) if name else None
+    return cls.from_pretrained(model_id) if cls is not None else AutoImageProcessor.from_pretrained(model_id)
 
 
 def _inputs(processor: Any, image: Any, prompt: str, device: str, dtype, model_type: str) -> Dict[str, Any]:
