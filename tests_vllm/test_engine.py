@@ -1,5 +1,5 @@
-"""vLLM's CPU build serving tiny LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoints with the
-plugin (see conftest.py).
+"""vLLM's CPU build serving tiny LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints
+with the plugin (see conftest.py).
 
 Against transformers on the same weights: pruning on -> k = round(0.1 N) placeholders per image and
 the greedy ids of ``otprune.apply(model, keep=0.1)``; variables unset -> vLLM's own classes and the
@@ -20,12 +20,14 @@ PLUGIN_CLASSES = {
     "llava_next": "otprune.vllm.models.OTPruneLlavaNextForConditionalGeneration",
     "qwen2_vl": "otprune.vllm.qwen_vl.OTPruneQwen2VLForConditionalGeneration",
     "qwen2_5_vl": "otprune.vllm.qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "otprune.vllm.qwen_vl.OTPruneQwen3VLForConditionalGeneration",
 }
 VLLM_CLASSES = {
     "llava": "vllm.model_executor.models.llava.LlavaForConditionalGeneration",
     "llava_next": "vllm.model_executor.models.llava_next.LlavaNextForConditionalGeneration",
     "qwen2_vl": "vllm.model_executor.models.qwen2_vl.Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "vllm.model_executor.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "vllm.model_executor.models.qwen3_vl.Qwen3VLForConditionalGeneration",
 }
 
 

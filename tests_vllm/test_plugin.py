@@ -71,12 +71,13 @@ def test_qwen_refuses_evs_and_pipeline_parallelism(clean_env, monkeypatch, rate,
     """Checked before vLLM's model is built, so a bad engine fails at start, naming the setting."""
     from types import SimpleNamespace
 
-    from otprune.vllm.qwen_vl import OTPruneQwen2_5_VLForConditionalGeneration, OTPruneQwen2VLForConditionalGeneration
+    from otprune.vllm import qwen_vl
 
     monkeypatch.setenv("OTPRUNE_KEEP", "0.1")
     cfg = SimpleNamespace(model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=rate)),
                           parallel_config=SimpleNamespace(pipeline_parallel_size=pp))
-    for cls in (OTPruneQwen2VLForConditionalGeneration, OTPruneQwen2_5_VLForConditionalGeneration):
+    for cls in (qwen_vl.OTPruneQwen2VLForConditionalGeneration, qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration,
+                qwen_vl.OTPruneQwen3VLForConditionalGeneration):
         with pytest.raises(ValueError, match=words):
             cls(vllm_config=cfg)
 

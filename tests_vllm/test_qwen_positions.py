@@ -2,14 +2,14 @@
 an engine.
 
 A prompt of text, two images of different sizes and (Qwen2.5-VL) a video with fractional seconds per
-grid step. vLLM's own classes give the unpruned prompt's positions (for images they equal
-transformers' get_rope_index, checked here too; for videos transformers 5.x resumes the text after
-the spatial extent only, vLLM after the scaled temporal one as well: the plugin follows vLLM, so that
-keep = 1 serves exactly what vLLM serves unpruned). The plugin's route (the provisional positions of
-``get_mrope_input_positions`` for the pruned prompt, then each kept token's channels from
-``embed_multimodal``'s encoding, stripped and added by ``embed_input_ids`` / ``forward``) must give
-every kept token, and every text token, the position it had there, and decode from the unpruned
-prompt's next position, in float32 and in bfloat16 embeddings.
+grid step, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. vLLM's own classes give the unpruned prompt's
+positions (for images they equal transformers' get_rope_index, checked here too; for videos
+transformers 5.x resumes the text after the spatial extent only, vLLM after the scaled temporal one
+as well: the plugin follows vLLM, so that keep = 1 serves exactly what vLLM serves unpruned). The
+plugin's route (``get_mrope_input_positions`` for the pruned prompt, then each kept token's offset
+channels from ``embed_multimodal``'s encoding, stripped by ``embed_input_ids`` and added in
+``forward``) must give every kept token, and every text token, the position it had there, and decode
+from the unpruned prompt's next position, in float32 and in bfloat16 embeddings.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ sys.path.pop(0)
 
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange  # noqa: E402
 
 from otprune._validate import budget  # noqa: E402
 from otprune.autopatch import Settings  # noqa: E402
@@ -35,6 +37,11 @@ from otprune.vllm import qwen_vl  # noqa: E402
 
 KEEP = 0.3
 MERGE = 2
+CLASSES = {  # family -> (the plugin's class, vLLM's own)
+    "qwen2_vl": (qwen_vl.OTPruneQwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (qwen_vl.OTPruneQwen3VLForConditionalGeneration, Qwen3VLForConditionalGeneration),
+}
 
 
 def _items(family: str):
@@ -60,23 +67,36 @@ def _prompt(items, tokens):
     return torch.tensor([ids]), torch.tensor([types], dtype=torch.int32), offsets
 
 
+def _feature(modality, grid, seconds, offset, length):
+    data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid))}
+    if seconds:
+        data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(seconds))
+    return MultiModalFeatureSpec(data=data, modality=modality, identifier="x",
+                                 mm_position=PlaceholderRange(offset=offset, length=length))
+
+
+def _model(family, config):
+    """The plugin's class without its (vLLM-built) weights: what the position methods read."""
+    cls, _ = CLASSES[family]
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "otprune_settings", Settings(keep=KEEP, layer=0, select_kwargs={}))
+    object.__setattr__(obj, "config", config)
+    return obj
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_kept_tokens_keep_their_transformers_positions(family, dtype):
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_kept_tokens_keep_their_unpruned_positions(family, dtype):
     model, _ = qwen_tiny.tiny_qwen(family)
     tokens = qwen_tiny._ids(qwen_tiny._tokenizer())
     items = _items(family)
     ids, types, offsets = _prompt(items, tokens)
-    grids = {m: torch.tensor([g for mm, g, _ in items if mm == m]) for m in ("image", "video")}
-    extra = {"second_per_grid_ts": torch.tensor([s for m, _, s in items if m == "video"])} if family == "qwen2_5_vl" else {}
-    hf_full, _ = model.model.get_rope_index(
-        ids, types, image_grid_thw=grids["image"], video_grid_thw=grids["video"] if len(grids["video"]) else None,
-        **extra,
-    )
+    merge = model.config.vision_config.spatial_merge_size
+    assert merge == MERGE
 
     # The pruned prompt: text as it was, item j's N_j tokens cut to a random sorted k_j of them.
     gen = torch.Generator().manual_seed(0)
-    keep_cols, features, channels = [], [], []
+    keep_cols, channels, unpruned, kept_lengths = [], [], [], []
     tokens_per_second = getattr(model.config.vision_config, "tokens_per_second", 1.0)
     start = 0
     for (modality, grid, seconds), offset in zip(items, offsets):
@@ -84,51 +104,43 @@ def test_kept_tokens_keep_their_transformers_positions(family, dtype):
         kept = torch.randperm(n, generator=gen)[: budget(KEEP, n)].sort().values
         keep_cols += list(range(start, offset)) + (offset + kept).tolist()
         start = offset + n
-        features.append(SimpleNamespace(
-            modality=modality, mm_position=SimpleNamespace(offset=None, length=len(kept)),
-            data={f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid)),
-                  **({"second_per_grid_ts": SimpleNamespace(data=torch.tensor(seconds))} if seconds else {})},
-        ))
+        unpruned.append(_feature(modality, grid, seconds, offset, n))
+        kept_lengths.append(len(kept))
         t_factor = tokens_per_second * seconds if modality == "video" else 1.0
-        channels.append(qwen_vl.encode_positions(qwen_vl.kept_positions(grid, MERGE, t_factor, kept),
-                                                 torch.empty(0, dtype=dtype)))
+        offs = qwen_vl.kept_positions(grid, MERGE, t_factor, kept) - torch.arange(len(kept)).unsqueeze(1)
+        channels.append(qwen_vl.encode_offsets(offs, torch.empty(0, dtype=dtype)))
     keep_cols += list(range(start, ids.shape[1]))
     pruned_ids = ids[0, keep_cols].tolist()
-    # placeholder offsets in the pruned prompt
     is_mm = types[0, keep_cols] > 0
     starts = [i for i in range(len(pruned_ids)) if is_mm[i] and (i == 0 or not is_mm[i - 1])]
-    for f, s in zip(features, starts):
-        f.mm_position.offset = s
+    features = [_feature(f.modality, tuple(f.data[f"{f.modality}_grid_thw"].data.tolist()),
+                         f.data["second_per_grid_ts"].data.item() if "second_per_grid_ts" in f.data else None, s, k)
+                for f, s, k in zip(unpruned, starts, kept_lengths)]
 
-    cls = qwen_vl.OTPruneQwen2VLForConditionalGeneration if family == "qwen2_vl" else qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration
-    vllm_cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    fake = SimpleNamespace(otprune_settings=Settings(keep=KEEP, layer=0, select_kwargs={}), config=model.config)
-    fake.iter_mm_grid_thw = lambda feats: cls.iter_mm_grid_thw(fake, feats)
-    unpruned = [SimpleNamespace(modality=f.modality, data=f.data, mm_position=SimpleNamespace(offset=o, length=None))
-                for f, o in zip(features, offsets)]
-    full, full_delta = vllm_cls.get_mrope_input_positions(fake, ids[0].tolist(), unpruned)
+    obj = _model(family, model.config)
+    full, full_delta = CLASSES[family][1].get_mrope_input_positions(obj, ids[0].tolist(), unpruned)
     assert full.shape == (3, ids.shape[1])
-    if family == "qwen2_vl":  # images only: vLLM's positions are transformers' own
+    if family != "qwen2_5_vl":  # images only: vLLM's positions are transformers' own
+        grids = torch.tensor([g for _, g, _ in items])
+        hf_full, _ = model.model.get_rope_index(ids, types, image_grid_thw=grids)
         assert torch.equal(full, hf_full[:, 0])
-    positions, delta = qwen_vl._PrunedEncoder.get_mrope_input_positions(fake, pruned_ids, features)
+    positions, delta = obj.get_mrope_input_positions(pruned_ids, features)
     assert positions.shape == (3, len(pruned_ids))
 
     # What embed_input_ids and forward do with the channels of the scheduled kept tokens.
-    decoded = qwen_vl.decode_positions(torch.cat(channels).float())
     positions = positions.clone()
-    positions[:, is_mm] += decoded[:3] - decoded[3:]
+    positions[:, is_mm] += qwen_vl.decode_offsets(torch.cat(channels).float())
     assert torch.equal(positions, full[:, keep_cols])
     assert len(pruned_ids) + delta == ids.shape[1] + full_delta  # the first decoded token's position
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_position_channels_exact_in_every_dtype(dtype):
-    """Positions up to 65535 survive the embeddings' dtype (one bf16 channel each would round 257
-    to 256); larger ones are refused, not rounded."""
-    pos = torch.tensor([[0, 1, 255], [256, 257, 4097], [65535, 12345, 300]])
-    channels = qwen_vl.encode_positions(pos, torch.empty(0, dtype=dtype))
+def test_offset_channels_exact_in_every_dtype(dtype):
+    """Offsets of magnitude up to 2^23 - 1 survive the embeddings' dtype (one bf16 channel would
+    round 257 to 256); larger ones are refused, not rounded."""
+    offs = torch.tensor([[0, 1, -1], [257, -4097, 65535], [2 ** 23 - 1, -(2 ** 23 - 1), -300]])
+    channels = qwen_vl.encode_offsets(offs, torch.empty(0, dtype=dtype))
     assert channels.dtype == dtype and channels.shape == (3, qwen_vl.POSITION_CHANNELS)
-    decoded = qwen_vl.decode_positions(channels)
-    assert torch.equal(decoded[:3], pos.T) and torch.equal(decoded[3], torch.arange(3))
-    with pytest.raises(ValueError, match="65535"):
-        qwen_vl.encode_positions(torch.tensor([[65536, 0, 0]]), torch.empty(0, dtype=dtype))
+    assert torch.equal(qwen_vl.decode_offsets(channels), offs.T)
+    with pytest.raises(ValueError, match="exceeds"):
+        qwen_vl.encode_offsets(torch.tensor([[2 ** 23, 0, 0]]), torch.empty(0, dtype=dtype))

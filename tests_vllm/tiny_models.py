@@ -1,5 +1,5 @@
-"""Tiny random LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoints saved to a folder that vLLM
-can serve offline.
+"""Tiny random LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints saved to a folder
+that vLLM can serve offline.
 
 The towers, tokenizers and image processors are those of tests/hf_tiny.py and tests/qwen_tiny.py,
 with a language model whose head_dim is 32 (vLLM's CPU attention needs head_dim >= 32). transformers
@@ -7,7 +7,7 @@ saves the CLIP tower's weights as ``...vision_tower.embeddings...``; vLLM loads
 ``vision_tower.vision_model.*``, so the saved keys are renamed. The Qwen checkpoints take images of
 up to 336 x 336 px (up to 144 merged tokens) so that a kept token's position matters.
 
-    path = save_tiny("llava", folder)       # or "llava_next", "qwen2_vl", "qwen2_5_vl"
+    path = save_tiny("llava", folder)       # or "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"
     model, processor = load_tiny(path)      # the same weights in transformers, float32, eval mode
 """
 
@@ -25,8 +25,10 @@ import qwen_tiny  # noqa: E402
 
 sys.path.pop(0)
 
-KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 QWEN_MAX_PIXELS = (24 * 14) ** 2
 
 
@@ -59,7 +61,7 @@ def _build_qwen(kind: str, seed: int) -> Tuple[Any, Any]:
     cfg.text_config.num_attention_heads = 2
     cfg.text_config.num_key_value_heads = 1
     cfg.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
-    cls = transformers.Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else transformers.Qwen2_5_VLForConditionalGeneration
+    cls = getattr(transformers, QWEN_CLASSES[kind])
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
@@ -145,8 +147,7 @@ def load_tiny(path: str) -> Tuple[Any, Any]:
 
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type in QWEN_KINDS:
-        cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-               "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[cfg.model_type]
+        cls = getattr(transformers, QWEN_CLASSES[cfg.model_type])
         model = cls.from_pretrained(path, dtype=torch.float32).eval()
         processor = qwen_tiny.QwenImageProcessor(
             transformers.AutoImageProcessor.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)

@@ -1,29 +1,31 @@
-"""vLLM's Qwen2-VL and Qwen2.5-VL with OTPrune (registered by :func:`otprune.vllm.register`).
+"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL with OTPrune (registered by :func:`otprune.vllm.register`).
 
 What changes, and why:
-- the processor emits k = round(r * N) placeholders per image or video, N = t * h * w / merge^2 its
-  merged visual tokens (a video is one item, selected over all its frames together, as in the
-  transformers integration). The count depends on the item's size alone, as vLLM needs before the
-  encoder runs;
-- the encoder: all items of one encoder call are scored by one batched :func:`otprune.select`
-  (ragged ``lengths`` where their N differ; precomputed ``image_embeds`` / ``video_embeds`` are
-  the same merged tokens and are pruned alike). Each item returns its k kept embeddings in
-  ascending order (select's order with compat="official"), followed by :data:`POSITION_CHANNELS`
-  channels holding each kept token's 3-D M-RoPE position in the item and its slot (0..k-1);
+- the processor emits k = round(r * N) placeholders per pruned item, N = t * h * w / merge^2 its
+  merged visual tokens: every image, and on Qwen2-VL / Qwen2.5-VL every video (one item, selected
+  over all its frames together, as in the transformers integration). Qwen3-VL's videos (frames
+  interleaved with timestamp text) pass through unpruned. The count depends on the item's size
+  alone, as vLLM needs before the encoder runs;
+- the encoder: the pruned items of one encoder call are scored by one batched
+  :func:`otprune.select` (ragged ``lengths`` where their N differ; precomputed ``image_embeds`` /
+  ``video_embeds`` are the same merged tokens and are pruned alike; on Qwen3-VL the score uses the
+  main features, and the deepstack features of a kept token go with it). Each item returns its k
+  kept embeddings in ascending order (select's order with compat="official"), followed by
+  :data:`POSITION_CHANNELS` channels holding each token's M-RoPE position offset (below);
 - positions: vLLM computes a request's M-RoPE positions before the encoder runs, when the kept
-  tokens are still unknown. :meth:`_PrunedEncoder.get_mrope_input_positions` gives the text its
-  final positions (text after an item resumes after the *unpruned* item's last position, and
-  decoding after the unpruned prompt's) and slot j of an item the provisional position base + j.
-  When the kept embeddings enter the language model (``embed_input_ids``, which strips the
-  channels), each kept token's offset (its own position - its slot) is added to its provisional
-  position in ``forward``. So every kept token keeps the position it had in the unpruned prompt:
-  the transformers integration's convention, with the same output ids on the same weights
-  (tests_vllm). Chunked prefill, prefix caching and the encoder cache keep working: the channels
-  are relative to the item, the provisional positions belong to the request.
-Refused at engine start: vLLM's own EVS video pruning (``video_pruning_rate``) alongside, and
-pipeline parallelism (the positions are fixed where the embeddings enter, on the first stage). The
-encoder's CUDA graphs are off while pruning (their replay bypasses the encoder code that prunes),
-as vLLM does for EVS.
+  tokens are still unknown. :meth:`_PrunedEncoder.get_mrope_input_positions` computes vLLM's own
+  positions for the *unpruned* prompt (each pruned item expanded back to its N placeholders), gives
+  every text and unpruned token its position there and slot j of a pruned item the provisional
+  position base + j (base: the item's first position); decoding continues after the unpruned
+  prompt. When the embeddings enter the language model (``embed_input_ids``, which strips the
+  channels), each kept token's offset (its own position - its provisional one) is added to its
+  position in ``forward``. So every kept token keeps the position it had in the unpruned prompt, as
+  in the transformers integration (same output ids on the same weights, tests_vllm). Chunked
+  prefill, prefix caching and the encoder cache keep working: the offsets are relative to the item.
+Refused at engine start: vLLM's own video pruning (``video_pruning_rate``) alongside, and pipeline
+parallelism (the positions are fixed where the embeddings enter, on the first stage). The encoder's
+CUDA graphs are off while pruning (their replay bypasses the encoder code that prunes), as vLLM does
+for its EVS.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.utils import copy_mm_embedding_modality
@@ -55,10 +63,13 @@ from ..autopatch import settings_from_env
 from ..integrations._sequence import select_kept
 from . import settings
 
-# Each of the four values (t, h, w of a kept token, its slot) as two base-256 digits: integers below
-# 256 are exact in bfloat16 and float16, so values up to 65535 survive the embeddings' dtype.
-POSITION_BASE = 256
-POSITION_CHANNELS = 8
+# A token's offset in t, h and w, each stored as three base-256 digits of offset + OFFSET_BIAS:
+# integers below 256 are exact in bfloat16 and float16, so offsets of magnitude below 2^23 survive
+# the embeddings' dtype.
+OFFSET_BASE = 256
+OFFSET_DIGITS = 3
+OFFSET_BIAS = OFFSET_BASE ** OFFSET_DIGITS // 2
+POSITION_CHANNELS = 3 * OFFSET_DIGITS
 
 
 def kept_positions(grid_thw: Sequence[int], merge: int, t_factor: float, kept: torch.Tensor) -> torch.Tensor:
@@ -76,29 +87,26 @@ def kept_positions(grid_thw: Sequence[int], merge: int, t_factor: float, kept: t
     return torch.from_numpy(np.stack([t, h, w], axis=1).astype(np.int64))
 
 
-def item_span(t: int, h: int, w: int, t_factor: float) -> int:
-    """1 + the largest M-RoPE position of an unpruned item of t x h x w merged tokens relative to its
-    first position: where the text after it resumes."""
-    return max(int((t - 1) * t_factor), h - 1, w - 1) + 1
-
-
-def encode_positions(pos: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(k, 3) positions -> (k, POSITION_CHANNELS) channels [t, h, w, slot] as base-256 digit pairs,
-    in ``like``'s dtype and device (slot j: the token's row among the item's k)."""
-    pos = torch.cat([pos, torch.arange(pos.shape[0], dtype=torch.long).unsqueeze(1)], dim=1)
-    if pos.numel() and int(pos.max()) >= POSITION_BASE ** 2:
+def encode_offsets(offsets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(k, 3) int64 position offsets (t, h, w) -> (k, POSITION_CHANNELS) channels of ``like``'s dtype
+    and device (three base-256 digits each, most significant first)."""
+    if offsets.numel() and int(offsets.abs().max()) >= OFFSET_BIAS:
         raise ValueError(
-            f"otprune vLLM plugin: an M-RoPE position or token count of {int(pos.max())} exceeds "
-            f"{POSITION_BASE ** 2 - 1}, the largest the kept embeddings can carry exactly"
+            f"otprune vLLM plugin: an M-RoPE position offset of {int(offsets.abs().max())} exceeds "
+            f"{OFFSET_BIAS - 1}, the largest the kept embeddings can carry exactly"
         )
-    digits = torch.stack([pos // POSITION_BASE, pos % POSITION_BASE], dim=-1)  # (k, 4, 2)
-    return digits.reshape(pos.shape[0], POSITION_CHANNELS).to(device=like.device, dtype=like.dtype)
+    v = offsets.to(torch.long) + OFFSET_BIAS
+    digits = torch.stack([v // OFFSET_BASE ** p % OFFSET_BASE for p in reversed(range(OFFSET_DIGITS))], dim=-1)
+    return digits.reshape(offsets.shape[0], POSITION_CHANNELS).to(device=like.device, dtype=like.dtype)
 
 
-def decode_positions(channels: torch.Tensor) -> torch.Tensor:
-    """(n, POSITION_CHANNELS) channels -> (4, n) int64 rows t, h, w, slot."""
-    digits = channels.round().to(torch.long).view(-1, 4, 2)
-    return (digits[..., 0] * POSITION_BASE + digits[..., 1]).T
+def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """(n, POSITION_CHANNELS) channels -> (3, n) int64 offsets (t, h, w)."""
+    digits = channels.round().to(torch.long).view(-1, 3, OFFSET_DIGITS)
+    v = torch.zeros(digits.shape[:2], dtype=torch.long, device=channels.device)
+    for p in range(OFFSET_DIGITS):
+        v = v * OFFSET_BASE + digits[..., p]
+    return (v - OFFSET_BIAS).T
 
 
 def check_engine(vllm_config) -> None:
@@ -120,50 +128,56 @@ def check_engine(vllm_config) -> None:
 
 
 class _PrunedCounts:
-    """Processing-info mixin: k = round(r * N) tokens per item while pruning is on (the settings of
-    the environment when vLLM builds its processor)."""
+    """Processing-info mixin: k = round(r * N) tokens per pruned item while pruning is on (the
+    settings of the environment when vLLM builds its processor)."""
+
+    pruned_modalities: Tuple[str, ...] = ("image", "video")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.otprune_settings = settings_from_env()
 
-    def _pruned(self, n: int) -> int:
+    def _pruned(self, n: int, modality: str) -> int:
         s = self.otprune_settings
-        return n if s is None else budget(s.keep, n)
+        return n if s is None or modality not in self.pruned_modalities else budget(s.keep, n)
 
     def get_num_image_tokens(self, **kwargs) -> int:
-        return self._pruned(super().get_num_image_tokens(**kwargs))
+        return self._pruned(super().get_num_image_tokens(**kwargs), "image")
 
     def get_num_video_tokens(self, **kwargs) -> int:
-        return self._pruned(super().get_num_video_tokens(**kwargs))
+        return self._pruned(super().get_num_video_tokens(**kwargs), "video")
 
 
 class _PrunedPlaceholders:
-    """Multimodal-processor mixin: each image or video becomes k = round(r * N) placeholders, N from
-    its grid."""
+    """Multimodal-processor mixin: each pruned item becomes k = round(r * N) placeholders, N from
+    its grid; the other updates are vLLM's own."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         s = self.info.otprune_settings
         if s is None:
-            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
+            return updates
         merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size ** 2
-        vocab = self.info.get_tokenizer().get_vocab()
-        placeholder = {"image": vocab[hf_processor.image_token], "video": vocab[hf_processor.video_token]}
+        config = self.info.get_hf_config()
+        token = {"image": config.image_token_id, "video": config.video_token_id}
 
         def replacement(item_idx: int, modality: str) -> List[int]:
             grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data
-            return [placeholder[modality]] * budget(s.keep, int(grid.prod()) // merge)
+            return [token[modality]] * budget(s.keep, int(grid.prod()) // merge)
 
         return [
-            PromptReplacement(modality=m, target=[placeholder[m]], replacement=partial(replacement, modality=m))
-            for m in ("image", "video")
+            PromptReplacement(modality=u.modality, target=[token[u.modality]],
+                              replacement=partial(replacement, modality=u.modality))
+            if u.modality in self.info.pruned_modalities else u
+            for u in updates
         ]
 
 
 class _PrunedEncoder:
-    """Model mixin: kept embeddings that carry their positions, and the positions fixed in forward
-    (module docstring)."""
+    """Model mixin: kept embeddings that carry their position offsets, the provisional positions,
+    and the offsets added in forward (module docstring)."""
+
+    pruned_modalities: Tuple[str, ...] = ("image", "video")
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         s = settings()  # checked here too: a bad value fails the engine start
@@ -182,39 +196,46 @@ class _PrunedEncoder:
             return super().embed_multimodal(**kwargs)
         merge = self.visual.spatial_merge_size
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        feats: List[torch.Tensor] = []
-        items: List[Tuple[List[int], float]] = []  # (grid t, h, w; t factor) per item
+        # the score's features: Qwen3-VL's main features, without the deepstack levels beside them
+        width = self.visual_dim if getattr(self, "use_deepstack", False) else None
+        embeds: List[torch.Tensor] = []
+        pruned: List[Tuple[int, List[int], float]] = []  # (index into embeds, grid t h w, t factor)
         for key, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
             video = key.startswith("video")
-            embeds = self._process_video_input(inputs) if video else self._process_image_input(inputs)
+            items = self._process_video_input(inputs) if video else self._process_image_input(inputs)
             grids = inputs["video_grid_thw" if video else "image_grid_thw"].tolist()
             seconds = inputs.get("second_per_grid_ts") if video else None
-            for i, (emb, grid) in enumerate(zip(embeds, grids)):
-                t_factor = tokens_per_second * (1.0 if seconds is None else float(seconds[i])) if video else 1.0
-                feats.append(emb)
-                items.append((grid, t_factor))
-        if not feats:
+            for i, (emb, grid) in enumerate(zip(items, grids)):
+                if ("video" if video else "image") in self.pruned_modalities:
+                    t_factor = tokens_per_second * (1.0 if seconds is None else float(seconds[i])) if video else 1.0
+                    pruned.append((len(embeds), grid, t_factor))
+                embeds.append(emb)
+        if not embeds:
             return ()
-        kept = select_kept(feats, self.otprune_settings.keep, self.otprune_settings.select_kwargs)
-        out = []
-        for emb, idx, (grid, t_factor) in zip(feats, kept, items):
-            idx = idx.to(emb.device)
-            pos = kept_positions(grid, merge, t_factor, idx)
-            out.append(torch.cat([emb[idx], encode_positions(pos, emb)], dim=1))
+        out = [torch.cat([e, encode_offsets(e.new_zeros(e.shape[0], 3, dtype=torch.long), e)], dim=1)
+               for e in embeds]  # unpruned items: offset 0
+        if pruned:
+            feats = [embeds[j][:, :width] for j, _, _ in pruned]
+            kept = select_kept(feats, self.otprune_settings.keep, self.otprune_settings.select_kwargs)
+            for (j, grid, t_factor), idx in zip(pruned, kept):
+                emb = embeds[j]
+                idx = idx.to(emb.device)
+                # own position relative to the item's first - slot: what forward adds to base + slot
+                offsets = kept_positions(grid, merge, t_factor, idx) - torch.arange(len(idx)).unsqueeze(1)
+                out[j] = torch.cat([emb[idx], encode_offsets(offsets, emb)], dim=1)
         return tuple(out)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """vLLM's merge of the scheduled tokens' embeddings, the kept ones without their position
-        channels; those become per-token position offsets that :meth:`forward` adds."""
+        """vLLM's merge of the scheduled tokens' embeddings, without their offset channels; the
+        offsets are kept for :meth:`forward`."""
         self._otprune_offsets = None
         if self.otprune_settings is None or multimodal_embeddings is None or len(multimodal_embeddings) == 0:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         embeds = [copy_mm_embedding_modality(mm, mm[:, :-POSITION_CHANNELS]) for mm in multimodal_embeddings]
-        pos = torch.cat([decode_positions(mm[:, -POSITION_CHANNELS:]) for mm in multimodal_embeddings], dim=1)
-        # provisional position of a kept token = its item's base + its slot j; its own = base + (t, h, w)
-        self._otprune_offsets = (is_multimodal, pos[:3] - pos[3:])
+        offsets = torch.cat([decode_offsets(mm[:, -POSITION_CHANNELS:]) for mm in multimodal_embeddings], dim=1)
+        self._otprune_offsets = (is_multimodal, offsets)
         return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -228,25 +249,41 @@ class _PrunedEncoder:
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """(3, len(input_tokens)) positions and the decode delta before the encoder runs: text final
-        (after an item it resumes after the unpruned item's last position), the k placeholders of an
-        item at base + j for slot j (provisional: :meth:`forward` moves each kept token to its own)."""
+        """(3, len(input_tokens)) positions and the decode delta before the encoder runs: vLLM's own
+        for the unpruned prompt (each pruned item expanded back to its N placeholders) at every text
+        and unpruned token, base + j at slot j of a pruned item (provisional: :meth:`forward` adds
+        each kept token's offset)."""
         if self.otprune_settings is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        lengths = [f.mm_position.length for f in sorted(mm_features, key=lambda f: f.mm_position.offset)]
-        segments, st, nxt = [], 0, 0  # st: next token index; nxt: next free position
-        for (offset, t, h, w, t_factor), k in zip(self.iter_mm_grid_thw(mm_features), lengths):
-            text = offset - st
-            segments.append(np.broadcast_to(np.arange(nxt, nxt + text), (3, text)))
-            base = nxt + text
-            segments.append(np.broadcast_to(np.arange(base, base + k), (3, k)))
-            nxt = base + item_span(t, h, w, t_factor)
+        merge = self.config.vision_config.spatial_merge_size
+        tokens = list(input_tokens)
+        full_tokens: List[int] = []
+        full_features = []
+        cols = np.empty(len(tokens), dtype=np.int64)  # each token's column in the unpruned prompt
+        slots = np.zeros(len(tokens), dtype=np.int64)
+        st = 0
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, k = f.mm_position.offset, f.mm_position.length
+            cols[st:offset] = np.arange(len(full_tokens), len(full_tokens) + offset - st)
+            full_tokens += tokens[st:offset]
+            start = len(full_tokens)
+            if f.modality in self.pruned_modalities:
+                n = int(f.data[f"{f.modality}_grid_thw"].data.prod()) // merge ** 2
+                full_tokens += [tokens[offset]] * n
+                cols[offset:offset + k], slots[offset:offset + k] = start, np.arange(k)
+            else:
+                n = k
+                full_tokens += tokens[offset:offset + k]
+                cols[offset:offset + k] = np.arange(start, start + k)
+            full_features.append(dataclasses.replace(
+                f, mm_position=dataclasses.replace(f.mm_position, offset=start, length=n)))
             st = offset + k
-        tail = len(input_tokens) - st
-        segments.append(np.broadcast_to(np.arange(nxt, nxt + tail), (3, tail)))
-        positions = np.ascontiguousarray(np.concatenate(segments, axis=1))
-        # decoding continues after the last text position, or after the unpruned last item
-        return torch.from_numpy(positions), nxt + tail - len(input_tokens)
+        cols[st:] = np.arange(len(full_tokens), len(full_tokens) + len(tokens) - st)
+        full_tokens += tokens[st:]
+        full, delta = super().get_mrope_input_positions(full_tokens, full_features)
+        positions = full[:, torch.from_numpy(cols)] + torch.from_numpy(slots)
+        # decoding continues where it would after the unpruned prompt
+        return positions, len(full_tokens) + int(delta) - len(tokens)
 
 
 class OTPruneQwen2VLProcessingInfo(_PrunedCounts, Qwen2VLProcessingInfo):
@@ -278,3 +315,21 @@ class OTPruneQwen2VLForConditionalGeneration(_PrunedEncoder, Qwen2VLForCondition
 )
 class OTPruneQwen2_5_VLForConditionalGeneration(_PrunedEncoder, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with OTPrune's kept visual tokens at their own M-RoPE positions."""
+
+
+class OTPruneQwen3VLProcessingInfo(_PrunedCounts, Qwen3VLProcessingInfo):
+    pruned_modalities = ("image",)
+
+
+class OTPruneQwen3VLMultiModalProcessor(_PrunedPlaceholders, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    OTPruneQwen3VLMultiModalProcessor, info=OTPruneQwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class OTPruneQwen3VLForConditionalGeneration(_PrunedEncoder, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with OTPrune's kept image tokens (deepstack features alike) at their own M-RoPE
+    positions; videos pass through unpruned."""
+
+    pruned_modalities = ("image",)
