@@ -214,18 +214,17 @@ class _PrunedEncoder:
                 embeds.append(emb)
         if not embeds:
             return ()
-        out = [torch.cat([e, encode_offsets(e.new_zeros(e.shape[0], 3, dtype=torch.long), e)], dim=1)
-               for e in embeds]  # unpruned items: offset 0
+        # unpruned items (Qwen3-VL's videos) keep every token at offset 0
+        offsets = [torch.zeros(e.shape[0], 3, dtype=torch.long) for e in embeds]
         if pruned:
             feats = [embeds[j][:, :width] for j, _, _ in pruned]
             kept = select_kept(feats, self.otprune_settings.keep, self.otprune_settings.select_kwargs)
             for (j, grid, t_factor), idx in zip(pruned, kept):
-                emb = embeds[j]
-                idx = idx.to(emb.device)
+                idx = idx.to(embeds[j].device)
+                embeds[j] = embeds[j][idx]
                 # own position relative to the item's first - slot: what forward adds to base + slot
-                offsets = kept_positions(grid, merge, t_factor, idx) - torch.arange(len(idx)).unsqueeze(1)
-                out[j] = torch.cat([emb[idx], encode_offsets(offsets, emb)], dim=1)
-        return tuple(out)
+                offsets[j] = kept_positions(grid, merge, t_factor, idx) - torch.arange(len(idx)).unsqueeze(1)
+        return tuple(torch.cat([e, encode_offsets(o, e)], dim=1) for e, o in zip(embeds, offsets))
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         """vLLM's merge of the scheduled tokens' embeddings, without their offset channels; the
