@@ -25,7 +25,7 @@ info: $(VENV)/.installed
 	$(VENV)/bin/otprune info
 
 clean:
-	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info otprune/_C*.so otprune_demo.png
+	rm -rf $(VENV) $(CLIENTS_VENV) $(VLLM_VENV) build *.egg-info otprune/_C*.so otprune_demo.png
 
 # Real clients, each in its own environment (CI runs this after `make test`): lmms-eval 0.7.3 running
 # the release's evaluation command on tiny checkpoints, the built wheel in a clean venv, then the vLLM
@@ -42,10 +42,13 @@ $(CLIENTS_VENV)/.installed: requirements-clients.txt setup.py
 	OTPRUNE_SKIP_EXT=1 $(CLIENTS_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-.PHONY: test-clients
-test-clients: $(CLIENTS_VENV)/.installed
-	$(CLIENTS_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests_clients
+# test-clients = test-lmms (lmms-eval and the wheel, .venv-clients) then test-vllm (.venv-vllm).
+.PHONY: test-clients test-lmms
+test-clients: test-lmms
 	$(MAKE) test-vllm
+
+test-lmms: $(CLIENTS_VENV)/.installed
+	$(CLIENTS_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests_clients
 
 # The vLLM plugin's tests, in their own environment: vLLM's CPU build (it brings its own CPU torch
 # and transformers; ~3.5 GB), otprune on top without dependencies or extension, and a test-only
