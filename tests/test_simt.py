@@ -285,3 +285,20 @@ def test_emulation_catches_a_missing_barrier(simt_binary, tmp_path, barrier, max
     limit = launch_plan(binary, 37, 6, 4, 1 << 30, max_cluster)[1] if max_cluster else SM90
     with pytest.raises(AssertionError, match="ThreadSanitizer|exit "):
         run_kernel(binary, s, [6], smem_limit=limit, max_cluster=max_cluster, timeout=BUILDS["tsan"][1])
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lazy", "full"])
+def test_non_finite_similarity_gives_distinct_in_range_picks(simt_binary, full):
+    """select(check=False) hands the kernel whatever S non-finite features make (NaN rows and
+    columns here, an inf token's too), under ASan + UBSan: every pick a distinct index in [0, N), and
+    the finite image of the batch picks what the CPU path picks."""
+    x = features(37, 6, 5, b=2)
+    x[0, 3] = float("nan")
+    x[0, 8, 2] = float("inf")
+    s = similarity(x)
+    assert not torch.isfinite(s[0]).all() and torch.isfinite(s[1]).all()
+    got = run_kernel(simt_binary("asan"), gamma_gram(s, GAMMA) if full else s, [9, 9], full=full,
+                     timeout=BUILDS["asan"][1])
+    row = got[0].tolist()
+    assert len(set(row)) == 9 and all(0 <= i < 37 for i in row), row
+    assert check_against_reference_and_cpu(x[1:], s[1:], None, [9], got[1:]) == 1
