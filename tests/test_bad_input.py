@@ -203,3 +203,11 @@ def test_non_contiguous_and_grad_inputs():
     xg = x.clone().requires_grad_(True)
     assert torch.equal(otprune.select(xg, 5), otprune.select(x, 5))
     assert torch.equal(otprune.select(x[:, ::2], 4), otprune.select(x[:, ::2].contiguous(), 4))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"check": False}, {"backend": "torch"}, {"compat": "official"}])
+def test_meta_tensors_are_refused_naming_the_device(kwargs):
+    """Meta tensors have no values to select from: refused with the device named, not a host-read
+    failure deep inside (torch.compile's fake tensors go through otprune::select's fake kernel)."""
+    with pytest.raises(RuntimeError, match="meta"):
+        otprune.select(torch.empty(2, 40, 8, device="meta"), 9, **kwargs)
