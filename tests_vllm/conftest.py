@@ -42,6 +42,16 @@ def engine_env(extra: dict) -> dict:
     return env
 
 
+def run_engine(checkpoint: str, out: str, extra_env: dict, extra_args: list) -> dict:
+    """engine_run.py's result for one engine process (its stderr's tail in the error if it fails)."""
+    cmd = [sys.executable, os.path.join(HERE, "engine_run.py"), checkpoint, out, *extra_args]
+    proc = subprocess.run(cmd, env=engine_env(extra_env), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine run {' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> Dict[str, str]:
     """kind -> folder of a saved tiny checkpoint (random weights, seed 0)."""
@@ -58,14 +68,7 @@ def engine_results(checkpoints, tmp_path_factory) -> Dict[Tuple[str, str], list]
     def run(job):
         kind, name = job
         extra_env, extra_args = CONFIGS[name]
-        out = os.path.join(out_dir, f"{kind}-{name}.json")
-        cmd = [sys.executable, os.path.join(HERE, "engine_run.py"), checkpoints[kind], out, *extra_args]
-        proc = subprocess.run(cmd, env=engine_env(extra_env), capture_output=True, text=True,
-                              timeout=ENGINE_TIMEOUT_S)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine run {kind}/{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        with open(out) as f:
-            return json.load(f)
+        return run_engine(checkpoints[kind], os.path.join(out_dir, f"{kind}-{name}.json"), extra_env, extra_args)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(run, jobs))

@@ -1,13 +1,14 @@
 """One vLLM engine run on a tiny checkpoint, as a separate process (vLLM spawns processes, and the
 plugin's environment route must be read at process start, as in `vllm serve`).
 
-    python engine_run.py MODEL_DIR OUT_JSON [--enable KEEP]
+    python engine_run.py MODEL_DIR OUT_JSON [--enable KEEP] [--video]
 
 Serves :data:`PROMPTS` (one- and two-image prompts, all submitted together so that images of
 different requests share encoder batches) greedily and writes, per prompt, the prompt token ids
 vLLM built (placeholders included) and the generated token ids, and
 the model class vLLM resolved for the checkpoint. ``--enable KEEP`` turns pruning on
 through the Python route (``otprune.vllm.enable(keep=KEEP)``) instead of the environment.
+``--video`` (Qwen-VL) serves :data:`VIDEO_PROMPT` with :func:`video` instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ PROMPTS: List[Tuple[str, List[int]]] = [
 # 280 x 280 px), so that k = round(0.1 N) is about 10 and the kept tokens' positions matter.
 QWEN_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SIZES = ((224, 336), (336, 196), (280, 280))
+# A Qwen-VL video: 8 frames of 112 x 168 px at 2 fps, given as sampled (on the tiny checkpoints: 4
+# temporal steps of 4 x 5 merged tokens, N = 80).
+VIDEO_PROMPT = "user : <|vision_start|><|video_pad|><|vision_end|> what happens here ? assistant :"
+VIDEO_FRAMES, VIDEO_FPS = 8, 2.0
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, seed=0, max_num_seqs=4, enforce_eager=True)
 
 
@@ -53,8 +58,18 @@ def images(model_type: str):
     return hf_tiny.tiny_images(3, seed=0, **({"sizes": QWEN_SIZES} if is_qwen(model_type) else {}))
 
 
-def engine_args(model_type: str) -> dict:
-    limits = {"image": 2, "video": 0} if is_qwen(model_type) else {"image": 2}
+def video():
+    """(frames (T, H, W, 3) uint8, metadata) of :data:`VIDEO_PROMPT`'s video, deterministic."""
+    import numpy as np
+
+    frames = (np.random.default_rng(0).random((VIDEO_FRAMES, 112, 168, 3)) * 255).astype(np.uint8)
+    meta = dict(fps=VIDEO_FPS, duration=VIDEO_FRAMES / VIDEO_FPS, total_num_frames=VIDEO_FRAMES,
+                frames_indices=list(range(VIDEO_FRAMES)), video_backend="opencv")
+    return frames, meta
+
+
+def engine_args(model_type: str, with_video: bool = False) -> dict:
+    limits = {"image": 2, "video": int(with_video)} if is_qwen(model_type) else {"image": 2}
     return dict(ENGINE_ARGS, limit_mm_per_prompt=limits)
 
 
@@ -63,6 +78,7 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--enable", type=float)
+    p.add_argument("--video", action="store_true")
     args = p.parse_args()
     if args.enable is not None:
         import otprune.vllm
@@ -72,10 +88,15 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     model_type = AutoConfig.from_pretrained(args.model).model_type
-    llm = LLM(model=args.model, **engine_args(model_type))
-    imgs = images(model_type)
-    requests = [{"prompt": text, "multi_modal_data": {"image": [imgs[i] for i in idx]}}
-                for text, idx in prompts(model_type)]
+    llm = LLM(model=args.model, **engine_args(model_type, args.video))
+    if args.video:
+        frames, meta = video()
+        requests = [{"prompt": VIDEO_PROMPT,
+                     "multi_modal_data": {"video": [(frames, dict(meta, do_sample_frames=False))]}}]
+    else:
+        imgs = images(model_type)
+        requests = [{"prompt": text, "multi_modal_data": {"image": [imgs[i] for i in idx]}}
+                    for text, idx in prompts(model_type)]
     outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     from vllm.model_executor.model_loader import get_model_architecture
 

@@ -144,3 +144,83 @@ def test_offset_channels_exact_in_every_dtype(dtype):
     assert torch.equal(qwen_vl.decode_offsets(channels), offs.T)
     with pytest.raises(ValueError, match="exceeds"):
         qwen_vl.encode_offsets(torch.tensor([[2 ** 23, 0, 0]]), torch.empty(0, dtype=dtype))
+
+
+class _TimestampTokenizer:
+    """Stands in for the tokenizer where vLLM tokenizes a frame's ``<t seconds>`` text: 1 to 3 ids
+    by timestamp, so that the frames' text differs in length as with a real tokenizer."""
+
+    def encode(self, text, add_special_tokens=False):
+        seconds = float(text[1:].split()[0])
+        return [20 + i for i in range(1 + int(seconds) % 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(dtype):
+    """Qwen3-VL video: vLLM lays a video out frame by frame, each frame's tokens after its timestamp
+    text. Pruned, the processor keeps every frame's text and markers and puts the k kept tokens in the
+    first frame (vLLM's own layout for its EVS). Each kept token must still get its unpruned position
+    (its frame's, after that frame's text), every text token its own, and decoding must continue after
+    the unpruned prompt; here with an image before the video and text between and after."""
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
+
+    model, _ = qwen_tiny.tiny_qwen("qwen3_vl")
+    config = model.config
+    tokens = qwen_tiny._ids(qwen_tiny._tokenizer())
+    tokenizer = _TimestampTokenizer()
+    grid, timestamps = (4, 8, 6), [0.5, 1.5, 2.5, 4.0]  # 4 frames of 12 merged tokens
+    per_frame = grid[1] * grid[2] // MERGE ** 2
+    n = grid[0] * per_frame
+    k = budget(KEEP, n)
+    assert per_frame < k < n  # the kept tokens span more than one frame's worth
+
+    def repl(counts):
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=counts, timestamps=timestamps, tokenizer=tokenizer,
+            vision_start_token_id=tokens["vision_start_token_id"], vision_end_token_id=tokens["vision_end_token_id"],
+            video_token_id=tokens["video_token_id"], select_token_id=True).full
+
+    image = [tokens["vision_start_token_id"]] + [tokens["image_token_id"]] * 24 + [tokens["vision_end_token_id"]]
+    head, middle, tail = [7, 8, 9], [10, 11], [12, 13]
+    full_video, lumped = repl([per_frame] * grid[0]), repl([k] + [0] * (grid[0] - 1))
+    full_ids = head + image + middle + full_video + tail
+    video_at = len(head + image + middle)
+    unpruned = [_feature("image", (1, 12, 8), None, len(head) + 1, 24),
+                _feature("video", grid, None, video_at, len(full_video))]
+
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.randperm(n, generator=gen)[:k].sort().values
+    kept_img = torch.randperm(24, generator=gen)[: budget(KEEP, 24)].sort().values
+    # pruned prompt and, for each of its tokens, its column in the unpruned prompt
+    image_cols = [len(head)] + (len(head) + 1 + kept_img).tolist() + [len(head) + 25]
+    video_pads = [i for i, t in enumerate(full_video) if t == tokens["video_token_id"]]
+    lumped_cols, slot = [], 0
+    text_cols = iter(i for i, t in enumerate(full_video) if t != tokens["video_token_id"])
+    for t in lumped:
+        if t == tokens["video_token_id"]:
+            lumped_cols.append(video_pads[int(kept[slot])])
+            slot += 1
+        else:
+            lumped_cols.append(next(text_cols))
+    cols = (list(range(len(head))) + image_cols + list(range(len(head) + 26, video_at))
+            + [video_at + c for c in lumped_cols]
+            + list(range(video_at + len(full_video), len(full_ids))))
+    pruned_ids = [full_ids[c] for c in cols]
+    assert pruned_ids == head + [image[0]] + [image[1]] * len(kept_img) + [image[-1]] + middle + lumped + tail
+    features = [_feature("image", (1, 12, 8), None, len(head) + 1, len(kept_img)),
+                _feature("video", grid, None, video_at - 24 + len(kept_img), len(lumped))]
+
+    obj = _model("qwen3_vl", config)
+    object.__setattr__(obj, "_tokenizer", tokenizer)
+    full, full_delta = Qwen3VLForConditionalGeneration.get_mrope_input_positions(obj, full_ids, unpruned)
+    positions, delta = obj.get_mrope_input_positions(pruned_ids, features)
+    assert positions.shape == (3, len(pruned_ids))
+
+    offs_img = qwen_vl.kept_positions((1, 12, 8), MERGE, 1.0, kept_img) - torch.arange(len(kept_img)).unsqueeze(1)
+    offs_vid = obj._video_positions(grid, timestamps, kept) - torch.arange(k).unsqueeze(1)
+    channels = torch.cat([qwen_vl.encode_offsets(o, torch.empty(0, dtype=dtype)) for o in (offs_img, offs_vid)])
+    is_mm = torch.tensor([t in (tokens["image_token_id"], tokens["video_token_id"]) for t in pruned_ids])
+    positions = positions.clone()
+    positions[:, is_mm] += qwen_vl.decode_offsets(channels.float())
+    assert torch.equal(positions, full[:, cols])
+    assert len(pruned_ids) + delta == len(full_ids) + full_delta

@@ -1,11 +1,14 @@
 """vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL with OTPrune (registered by :func:`otprune.vllm.register`).
 
 What changes, and why:
-- the processor emits k = round(r * N) placeholders per pruned item, N = t * h * w / merge^2 its
-  merged visual tokens: every image, and on Qwen2-VL / Qwen2.5-VL every video (one item, selected
-  over all its frames together, as in the transformers integration). Qwen3-VL's videos (frames
-  interleaved with timestamp text) pass through unpruned. The count depends on the item's size
-  alone, as vLLM needs before the encoder runs;
+- the processor emits k = round(r * N) placeholders per image and per video, N = t * h * w / merge^2
+  its merged visual tokens (a video is one item, selected over all its frames together, as in the
+  transformers integration). The count depends on the item's size alone, as vLLM needs before the
+  encoder runs. Qwen3-VL lays a video out frame by frame, each frame's tokens after its timestamp
+  text; which frames the kept tokens come from is known only after the encoder, so a pruned video
+  keeps every frame's text and markers and holds all k placeholders in its first frame (the layout
+  vLLM uses for its EVS). The kept tokens then precede the later frames' text in the sequence,
+  while their positions are their own (below);
 - the encoder: the pruned items of one encoder call are scored by one batched
   :func:`otprune.select` (ragged ``lengths`` where their N differ; precomputed ``image_embeds`` /
   ``video_embeds`` are the same merged tokens and are pruned alike; on Qwen3-VL the score uses the
@@ -14,14 +17,17 @@ What changes, and why:
   :data:`POSITION_CHANNELS` channels holding each token's M-RoPE position offset (below);
 - positions: vLLM computes a request's M-RoPE positions before the encoder runs, when the kept
   tokens are still unknown. :meth:`_PrunedEncoder.get_mrope_input_positions` computes vLLM's own
-  positions for the *unpruned* prompt (each pruned item expanded back to its N placeholders), gives
-  every text and unpruned token its position there and slot j of a pruned item the provisional
-  position base + j (base: the item's first position); decoding continues after the unpruned
-  prompt. When the embeddings enter the language model (``embed_input_ids``, which strips the
-  channels), each kept token's offset (its own position - its provisional one) is added to its
-  position in ``forward``. So every kept token keeps the position it had in the unpruned prompt, as
-  in the transformers integration (same output ids on the same weights, tests_vllm). Chunked
-  prefill, prefix caching and the encoder cache keep working: the offsets are relative to the item.
+  positions for the *unpruned* prompt (each pruned item expanded back to its N placeholders, a
+  Qwen3-VL video's frame by frame), gives every text and unpruned token its position there and
+  slot j of a pruned item the provisional position base + j (base: the item's first position);
+  decoding continues after the unpruned prompt. When the embeddings enter the language model
+  (``embed_input_ids``, which strips the channels), each kept token's offset (its own position -
+  its provisional one) is added to its position in ``forward``. The encoder side knows a kept
+  token's own position from its grid index; for a Qwen3-VL video it takes vLLM's positions of the
+  video's unpruned layout, rebuilt with the tokenizer (the frames' timestamp text shifts them). So
+  every kept token keeps the position it had in the unpruned prompt, as in the transformers
+  integration (same output ids on the same weights, tests_vllm). Chunked prefill, prefix caching
+  and the encoder cache keep working: the offsets are relative to the item.
 Refused at engine start: vLLM's own video pruning (``video_pruning_rate``) alongside, and pipeline
 parallelism (the positions are fixed where the embeddings enter, on the first stage). The encoder's
 CUDA graphs are off while pruning (their replay bypasses the encoder code that prunes), as vLLM does
@@ -55,6 +61,13 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import (
+    MultiModalFeatureSpec,
+    MultiModalFieldConfig,
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+    PlaceholderRange,
+)
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.utils import copy_mm_embedding_modality
 
@@ -78,7 +91,7 @@ def kept_positions(grid_thw: Sequence[int], merge: int, t_factor: float, kept: t
     item's first position, for an item of grid ``grid_thw`` (in patches). t is scaled by
     ``t_factor`` (tokens_per_second * seconds per grid step for videos, 1 for images) and
     truncated, as vLLM's own positions are."""
-    T, H, W = int(grid_thw[0]), int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+    H, W = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
     idx = kept.to(torch.long).cpu().numpy()
     t, rest = np.divmod(idx, H * W)
     h, w = np.divmod(rest, W)
@@ -131,26 +144,28 @@ class _PrunedCounts:
     """Processing-info mixin: k = round(r * N) tokens per pruned item while pruning is on (the
     settings of the environment when vLLM builds its processor)."""
 
-    pruned_modalities: Tuple[str, ...] = ("image", "video")
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.otprune_settings = settings_from_env()
 
-    def _pruned(self, n: int, modality: str) -> int:
+    def _pruned(self, n: int) -> int:
         s = self.otprune_settings
-        return n if s is None or modality not in self.pruned_modalities else budget(s.keep, n)
+        return n if s is None else budget(s.keep, n)
 
     def get_num_image_tokens(self, **kwargs) -> int:
-        return self._pruned(super().get_num_image_tokens(**kwargs), "image")
+        return self._pruned(super().get_num_image_tokens(**kwargs))
 
     def get_num_video_tokens(self, **kwargs) -> int:
-        return self._pruned(super().get_num_video_tokens(**kwargs), "video")
+        return self._pruned(super().get_num_video_tokens(**kwargs))
 
 
 class _PrunedPlaceholders:
-    """Multimodal-processor mixin: each pruned item becomes k = round(r * N) placeholders, N from
-    its grid; the other updates are vLLM's own."""
+    """Multimodal-processor mixin: each item becomes k = round(r * N) placeholders, N from its grid.
+    With ``lumped_videos`` (Qwen3-VL) a pruned video
+    keeps its per-frame timestamps and markers, with all k placeholders in the first frame
+    (:meth:`_lumped_video`); a video whose budget is all its tokens is left as vLLM lays it out."""
+
+    lumped_videos = False
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -161,14 +176,17 @@ class _PrunedPlaceholders:
         config = self.info.get_hf_config()
         token = {"image": config.image_token_id, "video": config.video_token_id}
 
-        def replacement(item_idx: int, modality: str) -> List[int]:
-            grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data
-            return [token[modality]] * budget(s.keep, int(grid.prod()) // merge)
+        def replacement(item_idx: int, modality: str, own):
+            item = out_mm_kwargs[modality][item_idx]
+            n = int(item[f"{modality}_grid_thw"].data.prod()) // merge
+            k = budget(s.keep, n)
+            if modality == "video" and self.lumped_videos:
+                return own(item_idx) if k == n else self._lumped_video(item, k)
+            return [token[modality]] * k
 
         return [
-            PromptReplacement(modality=u.modality, target=[token[u.modality]],
-                              replacement=partial(replacement, modality=u.modality))
-            if u.modality in self.info.pruned_modalities else u
+            PromptReplacement(modality=u.modality, target=u.target if self.lumped_videos else [token[u.modality]],
+                              replacement=partial(replacement, modality=u.modality, own=u.replacement))
             for u in updates
         ]
 
@@ -177,7 +195,7 @@ class _PrunedEncoder:
     """Model mixin: kept embeddings that carry their position offsets, the provisional positions,
     and the offsets added in forward (module docstring)."""
 
-    pruned_modalities: Tuple[str, ...] = ("image", "video")
+    lumped_videos = False  # Qwen3-VL: a pruned video's placeholders all sit in its first frame
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         s = settings()  # checked here too: a bad value fails the engine start
@@ -208,23 +226,53 @@ class _PrunedEncoder:
             grids = inputs["video_grid_thw" if video else "image_grid_thw"].tolist()
             seconds = inputs.get("second_per_grid_ts") if video else None
             for i, (emb, grid) in enumerate(zip(items, grids)):
-                if ("video" if video else "image") in self.pruned_modalities:
-                    t_factor = tokens_per_second * (1.0 if seconds is None else float(seconds[i])) if video else 1.0
-                    pruned.append((len(embeds), grid, t_factor))
+                modality = "video" if video else "image"
+                if self._prunes(modality, emb.shape[0]):
+                    if video and self.lumped_videos:
+                        where = partial(self._video_positions, grid, inputs["timestamps"][i])
+                    else:
+                        t_factor = tokens_per_second * (1.0 if seconds is None else float(seconds[i])) if video else 1.0
+                        where = partial(kept_positions, grid, merge, t_factor)
+                    pruned.append((len(embeds), where))
                 embeds.append(emb)
         if not embeds:
             return ()
-        # unpruned items (Qwen3-VL's videos) keep every token at offset 0
+        # unpruned items keep every token at offset 0
         offsets = [torch.zeros(e.shape[0], 3, dtype=torch.long) for e in embeds]
         if pruned:
-            feats = [embeds[j][:, :width] for j, _, _ in pruned]
+            feats = [embeds[j][:, :width] for j, _ in pruned]
             kept = select_kept(feats, self.otprune_settings.keep, self.otprune_settings.select_kwargs)
-            for (j, grid, t_factor), idx in zip(pruned, kept):
+            for (j, where), idx in zip(pruned, kept):
                 idx = idx.to(embeds[j].device)
                 embeds[j] = embeds[j][idx]
                 # own position relative to the item's first - slot: what forward adds to base + slot
-                offsets[j] = kept_positions(grid, merge, t_factor, idx) - torch.arange(len(idx)).unsqueeze(1)
+                offsets[j] = where(idx) - torch.arange(len(idx)).unsqueeze(1)
         return tuple(torch.cat([e, encode_offsets(o, e)], dim=1) for e, o in zip(embeds, offsets))
+
+    def _prunes(self, modality: str, n: int) -> bool:
+        """Whether an item of ``n`` tokens is pruned: always, but for a Qwen3-VL video (whose pruned
+        layout differs from vLLM's) only when its budget is below n."""
+        return not (modality == "video" and self.lumped_videos) or budget(self.otprune_settings.keep, n) < n
+
+    def _video_positions(self, grid: Sequence[int], timestamps, kept: torch.Tensor) -> torch.Tensor:
+        """Qwen3-VL: (k, 3) int64 M-RoPE positions of a video's kept tokens relative to its first
+        token, from vLLM's own positions for the video's unpruned prompt (frames separated by
+        their timestamp text, whose length only the tokenizer knows)."""
+        config = self.config
+        frames, per_frame = int(grid[0]), int(grid[1]) * int(grid[2]) // config.vision_config.spatial_merge_size ** 2
+        repl = Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=[per_frame] * frames, timestamps=timestamps, tokenizer=self._tokenizer,
+            vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+            video_token_id=config.video_token_id,
+        ).full
+        feature = MultiModalFeatureSpec(
+            data=MultiModalKwargsItem({"video_grid_thw": MultiModalFieldElem(
+                data=torch.tensor(list(grid)), field=MultiModalFieldConfig.batched("video").field)}),
+            modality="video", identifier="otprune", mm_position=PlaceholderRange(offset=0, length=len(repl)))
+        positions, _ = Qwen3VLForConditionalGeneration._get_mrope_input_positions(repl, [feature], config)
+        cols = torch.tensor(repl).eq(config.video_token_id).nonzero().flatten()
+        own = positions[:, cols]
+        return (own - own[:, :1]).T[kept.cpu()]
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         """vLLM's merge of the scheduled tokens' embeddings, without their offset channels; the
@@ -266,16 +314,18 @@ class _PrunedEncoder:
             cols[st:offset] = np.arange(len(full_tokens), len(full_tokens) + offset - st)
             full_tokens += tokens[st:offset]
             start = len(full_tokens)
-            if f.modality in self.pruned_modalities:
-                n = int(f.data[f"{f.modality}_grid_thw"].data.prod()) // merge ** 2
-                full_tokens += [tokens[offset]] * n
-                cols[offset:offset + k], slots[offset:offset + k] = start, np.arange(k)
+            grid = f.data[f"{f.modality}_grid_thw"].data
+            span = tokens[offset:offset + k]
+            if self._prunes(f.modality, int(grid.prod()) // merge ** 2):
+                full_span, span_cols, first = self._unpruned_span(f.modality, span, grid)
+                kept = span_cols < 0
+                cols[offset:offset + k] = np.where(kept, first, span_cols) + start
+                slots[offset:offset + k][kept] = np.arange(int(kept.sum()))
             else:
-                n = k
-                full_tokens += tokens[offset:offset + k]
+                full_span = span
                 cols[offset:offset + k] = np.arange(start, start + k)
-            full_features.append(dataclasses.replace(
-                f, mm_position=dataclasses.replace(f.mm_position, offset=start, length=n)))
+            full_tokens += full_span
+            full_features.append(dataclasses.replace(f, mm_position=PlaceholderRange(offset=start, length=len(full_span))))
             st = offset + k
         cols[st:] = np.arange(len(full_tokens), len(full_tokens) + len(tokens) - st)
         full_tokens += tokens[st:]
@@ -283,6 +333,28 @@ class _PrunedEncoder:
         positions = full[:, torch.from_numpy(cols)] + torch.from_numpy(slots)
         # decoding continues where it would after the unpruned prompt
         return positions, len(full_tokens) + int(delta) - len(tokens)
+
+    def _unpruned_span(self, modality: str, span: List[int], grid: torch.Tensor) -> Tuple[List[int], np.ndarray, int]:
+        """A pruned item's placeholder span -> (the unpruned span, each span token's column in it or
+        -1 for a kept token's slot, the unpruned column of the item's first token). A span of k
+        placeholders becomes N; a lumped Qwen3-VL video gets every frame's placeholders back."""
+        merge = self.config.vision_config.spatial_merge_size ** 2
+        if not (modality == "video" and self.lumped_videos):
+            return [span[0]] * (int(grid.prod()) // merge), np.full(len(span), -1, dtype=np.int64), 0
+        config = self.config
+        per_frame = int(grid[1:].prod()) // merge
+        full: List[int] = []
+        cols = np.full(len(span), -1, dtype=np.int64)
+        first = -1
+        for i, token in enumerate(span):
+            if token == config.video_token_id:
+                continue
+            cols[i] = len(full)
+            full.append(token)
+            if token == config.vision_start_token_id:
+                first = len(full) if first < 0 else first
+                full += [config.video_token_id] * per_frame
+        return full, cols, first
 
 
 class OTPruneQwen2VLProcessingInfo(_PrunedCounts, Qwen2VLProcessingInfo):
@@ -317,18 +389,31 @@ class OTPruneQwen2_5_VLForConditionalGeneration(_PrunedEncoder, Qwen2_5_VLForCon
 
 
 class OTPruneQwen3VLProcessingInfo(_PrunedCounts, Qwen3VLProcessingInfo):
-    pruned_modalities = ("image",)
+    pass
 
 
 class OTPruneQwen3VLMultiModalProcessor(_PrunedPlaceholders, Qwen3VLMultiModalProcessor):
-    pass
+    lumped_videos = True
+
+    def _lumped_video(self, item, k: int):
+        """A pruned video's prompt: every frame's ``<t seconds><|vision_start|>...<|vision_end|>``
+        as vLLM writes it, the k kept tokens' placeholders in the first frame, none in the others
+        (vLLM's own layout for its EVS). Only the placeholders are embeddings."""
+        config = self.info.get_hf_config()
+        frames = int(item["video_grid_thw"].data[0])
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=[k] + [0] * (frames - 1), timestamps=item["timestamps"].data,
+            tokenizer=self.info.get_tokenizer(), vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id, video_token_id=config.video_token_id,
+            select_token_id=True,
+        )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     OTPruneQwen3VLMultiModalProcessor, info=OTPruneQwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class OTPruneQwen3VLForConditionalGeneration(_PrunedEncoder, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL with OTPrune's kept image tokens (deepstack features alike) at their own M-RoPE
-    positions; videos pass through unpruned."""
+    """vLLM's Qwen3-VL with OTPrune's kept image and video tokens (deepstack features alike) at their
+    own M-RoPE positions; a pruned video's kept tokens sit in its first frame."""
 
-    pruned_modalities = ("image",)
+    lumped_videos = True
