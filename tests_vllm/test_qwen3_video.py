@@ -23,14 +23,19 @@ from reference import qwen_video_reference
 
 from otprune._validate import budget
 
+PLUGIN_CLASS = "otprune.vllm.qwen_vl.OTPruneQwen3VLForConditionalGeneration"
+
 
 @pytest.fixture(scope="module")
 def video_runs(checkpoints, tmp_path_factory):
-    """config -> the engine's result for the video prompt: "env" (OTPRUNE_KEEP) and "off"."""
+    """config -> the engine's result for the video prompt: "env" (OTPRUNE_KEEP), "off", and
+    "keep1" (keep = 1.0 through ``otprune.vllm.enable``)."""
     out = tmp_path_factory.mktemp("video")
     path = checkpoints["qwen3_vl"]
-    return {name: run_engine(path, os.path.join(out, f"{name}.json"), env, ["--video"])["prompts"][0]
-            for name, env in (("env", {"OTPRUNE_KEEP": str(KEEP)}), ("off", {}))}
+    configs = {"env": ({"OTPRUNE_KEEP": str(KEEP)}, []), "off": ({}, []), "keep1": ({}, ["--enable", "1.0"])}
+    runs = {name: run_engine(path, os.path.join(out, f"{name}.json"), env, ["--video", *args])
+            for name, (env, args) in configs.items()}
+    return {name: dict(run["prompts"][0], model_class=run["model_class"]) for name, run in runs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +83,12 @@ def test_plugin_matches_reference_pruned(checkpoints, video_runs):
     assert pruned["output_ids"] == want
     assert want != plain["output_ids"]  # pruning changes what this random model says
     assert qwen_video_reference(path, *args, keep=KEEP, consecutive=True) != want
+
+
+def test_keep_one_is_plain_vllm(video_runs):
+    """A video whose budget is all its tokens keeps vLLM's own layout and output (the plugin's class
+    serving it)."""
+    assert video_runs["keep1"]["model_class"] == PLUGIN_CLASS
+    assert video_runs["env"]["model_class"] == PLUGIN_CLASS and video_runs["off"]["model_class"] != PLUGIN_CLASS
+    assert video_runs["keep1"]["prompt_token_ids"] == video_runs["off"]["prompt_token_ids"]
+    assert video_runs["keep1"]["output_ids"] == video_runs["off"]["output_ids"]
