@@ -7,7 +7,7 @@ LLaVA's ``llava.model.llava_arch`` is imported, :func:`patch_llava` makes every 
 instance it constructs (``from_pretrained`` included); when transformers' LLaVA / LLaVA-NeXT
 modelling module is imported, :func:`patch_hf` does the same for ``LlavaForConditionalGeneration``
 and ``LlavaNextForConditionalGeneration`` (and subclasses that do not define their own
-``__init__``); likewise for transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL generation classes
+``__init__``); likewise for transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) generation classes
 (e.g. lmms-eval's Qwen wrappers). With neither variable set nothing is imported or patched.
 
 The public release's variables:
@@ -86,6 +86,7 @@ HF_CLASSES = (
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
 )
 
 

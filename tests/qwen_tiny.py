@@ -4,7 +4,7 @@ No downloads: vision tower, language model, tokenizer (WordLevel holding the vis
 and ``Qwen2VLImageProcessor`` are built from configs here; ``QwenImageProcessor`` (the image-only
 processor of ``otprune run``) expands the image markers. Shared by the tests and the benchmarks.
 
-    model, processor = tiny_qwen("qwen2_5_vl", seed)   # also "qwen2_vl", "qwen3_vl"
+    model, processor = tiny_qwen("qwen2_5_vl", seed)   # also "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"
     inputs = tiny_qwen_inputs(processor, n_images=(2, 1))   # left-padded batch, images per prompt
 
 Images of 56..112 px give 4..16 merged visual tokens each (patch 14, or 16 for Qwen3-VL, 2 x 2 merge).
@@ -26,7 +26,7 @@ WORDS = (
     "left right top bottom compare two images , . yes no"
 ).split()
 VOCAB_SIZE = 64  # the language model's vocabulary (>= tokenizer vocabulary)
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _tokenizer():
@@ -49,7 +49,7 @@ def _text(family: str) -> dict:
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2 if family != "qwen3_vl" else 3,
+        num_hidden_layers=3 if family.startswith("qwen3") else 2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -75,13 +75,17 @@ def _config(family: str, ids: dict):
             window_size=56, fullatt_block_indexes=[1],
         )
         return transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         vision = dict(
             depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=16,
             num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
         )
         text["rope_parameters"]["mrope_interleaved"] = True
-        return transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        if family == "qwen3_vl":
+            return transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        # 4 experts of width 16, 2 per token, in every layer
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+        return transformers.Qwen3VLMoeConfig(vision_config=vision, text_config=text, **ids)
     raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
 
 
@@ -95,6 +99,7 @@ def tiny_qwen(family: str = "qwen2_5_vl", seed: int = 0) -> Tuple[torch.nn.Modul
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
     }[family]
     torch.manual_seed(seed)
     model = cls(cfg).eval()

@@ -161,7 +161,7 @@ def test_generate_prunes_batch(family, select_kwargs, monkeypatch):
     assert out.sequences.shape == base.sequences.shape
     assert torch.equal(out.sequences[:, :t], inputs["input_ids"])
     assert out.past_key_values.get_seq_length() == length + NEW_TOKENS - 1
-    if name == "qwen3_vl":  # deepstack features pruned with the same indices
+    if name.startswith("qwen3"):  # deepstack features pruned with the same indices
         _, vision = _features(model, inputs)
         for level, got in zip(vision.deepstack_features, prefill["deepstack_visual_embeds"]):
             level = torch.split(level, n) if isinstance(level, torch.Tensor) else level  # 5.17: not split
@@ -244,7 +244,7 @@ def test_forward_positions_and_labels(family):
 @pytest.mark.parametrize("layer", [0, "inner"])
 def test_keep_all_is_identity_and_revert_restores(family, layer):
     name, model, inputs = family
-    layer = 0 if layer == 0 else (2 if name == "qwen3_vl" else 1)
+    layer = 0 if layer == 0 else (2 if name.startswith("qwen3") else 1)
     base = _generate(model, **inputs)
     with torch.no_grad():
         fwd = model(**inputs).logits
@@ -273,7 +273,7 @@ def test_keep_all_is_identity_and_revert_restores(family, layer):
 
 def test_inner_layer_prunes(family):
     name, model, inputs = family
-    layer = 2 if name == "qwen3_vl" else 1
+    layer = 2 if name.startswith("qwen3") else 1
     feats, _ = _features(model, inputs)
     n = [f.shape[0] for f in feats]
     seen = []
@@ -300,7 +300,7 @@ def test_bad_settings(family, monkeypatch):
         otprune.apply(model, keep=0.25, layer=len(model.model.language_model.layers))
     with pytest.raises(ValueError, match="keep"):
         otprune.apply(model, keep=1.5)
-    if name == "qwen3_vl":
+    if name.startswith("qwen3"):
         with pytest.raises(NotImplementedError, match="deepstack"):
             otprune.apply(model, keep=0.25, layer=1)
     otprune.apply(model, keep=0.25)
@@ -368,7 +368,8 @@ with open(sys.argv[1]) as f:
     exec(f.read())  # what site.py does with the .pth's line
 sys.path.insert(0, sys.argv[2])
 import transformers
-classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+           "Qwen3VLMoeForConditionalGeneration")
 report = {"class_patched": [hasattr(getattr(transformers, c).__init__, "__otprune_cls__") for c in classes]}
 import torch
 from qwen_tiny import tiny_qwen, tiny_qwen_inputs
@@ -403,7 +404,7 @@ def test_env_route_patches_qwen(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["class_patched"] == [True, True, True]
+    assert report["class_patched"] == [True, True, True, True]
     assert report["patched"]
     assert report["visual"] == sum(budget(0.25, n) for n in report["n"])
 

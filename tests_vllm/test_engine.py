@@ -1,5 +1,5 @@
-"""vLLM's CPU build serving tiny LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints
-with the plugin (see conftest.py).
+"""vLLM's CPU build serving tiny LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE
+checkpoints with the plugin (see conftest.py).
 
 Against transformers on the same weights: pruning on -> k = round(0.1 N) placeholders per image and
 the greedy ids of ``otprune.apply(model, keep=0.1)``; variables unset -> vLLM's own classes and the
@@ -21,6 +21,7 @@ PLUGIN_CLASSES = {
     "qwen2_vl": "otprune.vllm.qwen_vl.OTPruneQwen2VLForConditionalGeneration",
     "qwen2_5_vl": "otprune.vllm.qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "otprune.vllm.qwen_vl.OTPruneQwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "otprune.vllm.qwen_vl.OTPruneQwen3VLMoeForConditionalGeneration",
 }
 VLLM_CLASSES = {
     "llava": "vllm.model_executor.models.llava.LlavaForConditionalGeneration",
@@ -28,6 +29,7 @@ VLLM_CLASSES = {
     "qwen2_vl": "vllm.model_executor.models.qwen2_vl.Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "vllm.model_executor.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "vllm.model_executor.models.qwen3_vl.Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "vllm.model_executor.models.qwen3_vl_moe.Qwen3VLMoeForConditionalGeneration",
 }
 
 

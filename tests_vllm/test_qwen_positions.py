@@ -29,6 +29,7 @@ sys.path.pop(0)
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange  # noqa: E402
 
 from otprune._validate import budget  # noqa: E402
@@ -41,6 +42,7 @@ CLASSES = {  # family -> (the plugin's class, vLLM's own)
     "qwen2_vl": (qwen_vl.OTPruneQwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (qwen_vl.OTPruneQwen2_5_VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration),
     "qwen3_vl": (qwen_vl.OTPruneQwen3VLForConditionalGeneration, Qwen3VLForConditionalGeneration),
+    "qwen3_vl_moe": (qwen_vl.OTPruneQwen3VLMoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration),
 }
 
 
@@ -156,7 +158,8 @@ class _TimestampTokenizer:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(dtype):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(family, dtype):
     """Qwen3-VL video: vLLM lays a video out frame by frame, each frame's tokens after its timestamp
     text. Pruned, the processor keeps every frame's text and markers and puts the k kept tokens in the
     first frame (vLLM's own layout for its EVS). Each kept token must still get its unpruned position
@@ -164,7 +167,7 @@ def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(dtype):
     the unpruned prompt; here with an image before the video and text between and after."""
     from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 
-    model, _ = qwen_tiny.tiny_qwen("qwen3_vl")
+    model, _ = qwen_tiny.tiny_qwen(family)
     config = model.config
     tokens = qwen_tiny._ids(qwen_tiny._tokenizer())
     tokenizer = _TimestampTokenizer()
@@ -210,9 +213,9 @@ def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(dtype):
     features = [_feature("image", (1, 12, 8), None, len(head) + 1, len(kept_img)),
                 _feature("video", grid, None, video_at - 24 + len(kept_img), len(lumped))]
 
-    obj = _model("qwen3_vl", config)
+    obj = _model(family, config)
     object.__setattr__(obj, "_tokenizer", tokenizer)
-    full, full_delta = Qwen3VLForConditionalGeneration.get_mrope_input_positions(obj, full_ids, unpruned)
+    full, full_delta = CLASSES[family][1].get_mrope_input_positions(obj, full_ids, unpruned)
     positions, delta = obj.get_mrope_input_positions(pruned_ids, features)
     assert positions.shape == (3, len(pruned_ids))
 

@@ -7,7 +7,7 @@ saves the CLIP tower's weights as ``...vision_tower.embeddings...``; vLLM loads
 ``vision_tower.vision_model.*``, so the saved keys are renamed. The Qwen checkpoints take images of
 up to 336 x 336 px (up to 144 merged tokens) so that a kept token's position matters.
 
-    path = save_tiny("llava", folder)       # or "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"
+    path = save_tiny("llava", folder)       # or "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"
     model, processor = load_tiny(path)      # the same weights in transformers, float32, eval mode
 """
 
@@ -25,10 +25,10 @@ import qwen_tiny  # noqa: E402
 
 sys.path.pop(0)
 
-KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 QWEN_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 QWEN_MAX_PIXELS = (24 * 14) ** 2
 
 
@@ -61,6 +61,9 @@ def _build_qwen(kind: str, seed: int) -> Tuple[Any, Any]:
     cfg.text_config.num_attention_heads = 2
     cfg.text_config.num_key_value_heads = 1
     cfg.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
+    if kind == "qwen3_vl_moe":
+        # vLLM reads it; transformers' Qwen3-VL-MoE always renormalises the top-k routing weights
+        cfg.text_config.norm_topk_prob = True
     cls = getattr(transformers, QWEN_CLASSES[kind])
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -127,9 +130,18 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
     processor.save_pretrained(path)
     weights = os.path.join(path, "model.safetensors")
     state = load_file(weights)
-    renamed = {_vllm_key(k): v for k, v in state.items()}
+    renamed = {_vllm_key(k): _hub_layout(k, v) for k, v in state.items()}
     save_file(renamed, weights, metadata={"format": "pt"})
     return path
+
+
+def _hub_layout(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL-MoE's fused experts as released checkpoints store them (and vLLM loads them):
+    gate_up_proj (E, hidden, 2 I), down_proj (E, I, hidden). transformers holds and saves them
+    transposed, and transposes released ones on load."""
+    if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+        return value.transpose(1, 2).contiguous()
+    return value
 
 
 def _vllm_key(key: str) -> str:

@@ -29,7 +29,8 @@ def _family(model: Any):
     raise TypeError(
         f"otprune.apply: unsupported model type {type(model).__module__}.{type(model).__name__}; "
         "supported: transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration, "
-        "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration "
+        "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration / "
+        "Qwen3VLMoeForConditionalGeneration "
         "and the original LLaVA codebase's LlavaLlamaForCausalLM"
     )
 

@@ -1,5 +1,6 @@
 """transformers ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` /
-``Qwen3VLForConditionalGeneration``.
+``Qwen3VLForConditionalGeneration`` / ``Qwen3VLMoeForConditionalGeneration`` (Qwen3-VL with a
+mixture-of-experts language model: the same vision side and positions, handled alike).
 
 :func:`apply` replaces the instance's ``generate`` and ``forward`` (never the class's); calls
 without ``pixel_values`` / ``pixel_values_videos`` pass through untouched. The visual tokens are
@@ -63,7 +64,12 @@ SUPPORTED = ("5.17", "6.0")
 TESTED = "5.17 and 5.23"
 _ATTR = "_otprune_qwen"
 _PATCHED = ("generate", "forward")
-CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+CLASSES = (
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+)
 # (pixel input, grid input, features method, token id attribute) per modality, in the model's order.
 _MODALITIES = (
     ("pixel_values", "image_grid_thw", "get_image_features", "image_token_id"),

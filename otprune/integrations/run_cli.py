@@ -1,6 +1,6 @@
 """``otprune run``: answer one image question on a real model, with and without pruning.
 
-Loads a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or
+Loads a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint (hub id or
 local folder), generates an answer unpruned and pruned, and prints the visual-token count the
 language model received and the prefill time of each. Where the weights cannot be had it says so
 and exits with status 2. A Qwen processor that cannot be built (its video processor needs
@@ -23,6 +23,7 @@ QWEN_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 IMAGE_PAD = "<|image_pad|>"
 

@@ -1,5 +1,5 @@
 """OTPrune inside vLLM: a ``vllm.general_plugins`` entry point for LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL.
+Qwen2.5-VL and Qwen3-VL (dense and MoE).
 
 Installed with otprune, the plugin is loaded by vLLM in every one of its processes (API server,
 engine core, workers) and calls :func:`register`. It does nothing unless the process's environment
@@ -11,9 +11,8 @@ subclasses (:mod:`otprune.vllm.models`) whose processor emits k = round(r * N) p
 image (N: the image's visual tokens, LLaVA-NeXT's packed anyres sequence with its newline tokens
 included) and whose encoder returns the k embeddings OTPrune keeps, in ascending order (the
 release's order with ``OTPRUNE_COMPAT=official``); and ``Qwen2VLForConditionalGeneration`` /
-``Qwen2_5_VLForConditionalGeneration`` likewise per image or video,
-``Qwen3VLForConditionalGeneration`` per image (:mod:`otprune.vllm.qwen_vl`), the kept tokens
-keeping their own M-RoPE positions. Only pruning before the language model (layer 0) exists here;
+``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` /
+``Qwen3VLMoeForConditionalGeneration`` likewise per image and per video (:mod:`otprune.vllm.qwen_vl`), the kept tokens keeping their own M-RoPE positions. Only pruning before the language model (layer 0) exists here;
 ``OTPRUNE_LAYER`` / ``LAYER_INDEX`` > 0 is refused.
 
 Python users who build the engine in code call :func:`enable` before constructing ``vllm.LLM``.
@@ -34,6 +33,7 @@ ARCHS = {
     "Qwen2VLForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "otprune.vllm.qwen_vl:OTPruneQwen3VLMoeForConditionalGeneration",
 }
 # What enable() writes; disable() removes them again.
 _ENV = ("OTPRUNE_KEEP", "OTPRUNE_COMPAT", "OTPRUNE_GAMMA", "OTPRUNE_NORMALIZE", "OTPRUNE_BACKEND")

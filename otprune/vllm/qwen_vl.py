@@ -1,4 +1,4 @@
-"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL with OTPrune (registered by :func:`otprune.vllm.register`).
+"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE) with OTPrune (registered by :func:`otprune.vllm.register`).
 
 What changes, and why:
 - the processor emits k = round(r * N) placeholders per image and per video, N = t * h * w / merge^2
@@ -60,6 +60,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import (
     MultiModalFeatureSpec,
@@ -415,5 +416,19 @@ class OTPruneQwen3VLMultiModalProcessor(_PrunedPlaceholders, Qwen3VLMultiModalPr
 class OTPruneQwen3VLForConditionalGeneration(_PrunedEncoder, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL with OTPrune's kept image and video tokens (deepstack features alike) at their
     own M-RoPE positions; a pruned video's kept tokens sit in its first frame."""
+
+    lumped_videos = True
+
+
+class OTPruneQwen3VLMoeProcessingInfo(_PrunedCounts, Qwen3VLMoeProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    OTPruneQwen3VLMultiModalProcessor, info=OTPruneQwen3VLMoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class OTPruneQwen3VLMoeForConditionalGeneration(_PrunedEncoder, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE (Qwen3-VL's vision side and positions, a mixture-of-experts language
+    model), pruned as :class:`OTPruneQwen3VLForConditionalGeneration`."""
 
     lumped_videos = True
