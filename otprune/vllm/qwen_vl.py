@@ -1,4 +1,5 @@
-"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE) with OTPrune (registered by :func:`otprune.vllm.register`).
+"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE) with OTPrune (registered by
+:func:`otprune.vllm.register`).
 
 What changes, and why:
 - the processor emits k = round(r * N) placeholders per image and per video, N = t * h * w / merge^2
@@ -162,9 +163,9 @@ class _PrunedCounts:
 
 class _PrunedPlaceholders:
     """Multimodal-processor mixin: each item becomes k = round(r * N) placeholders, N from its grid.
-    With ``lumped_videos`` (Qwen3-VL) a pruned video
-    keeps its per-frame timestamps and markers, with all k placeholders in the first frame
-    (:meth:`_lumped_video`); a video whose budget is all its tokens is left as vLLM lays it out."""
+    With ``lumped_videos`` (Qwen3-VL) a pruned video keeps its per-frame timestamps and markers, with
+    all k placeholders in the first frame (:meth:`_lumped_video`); a video whose budget is all its
+    tokens is left as vLLM lays it out."""
 
     lumped_videos = False
 
