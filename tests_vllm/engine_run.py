@@ -37,7 +37,7 @@ PROMPTS: List[Tuple[str, List[int]]] = [
 QWEN_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SIZES = ((224, 336), (336, 196), (280, 280))
 # A Qwen-VL video: 8 frames of 112 x 168 px at 2 fps, given as sampled (on the tiny checkpoints: 4
-# temporal steps of 4 x 5 merged tokens, N = 80).
+# temporal steps of 4 x 6 merged tokens on Qwen2.5-VL, N = 96; of 4 x 5 on Qwen3-VL, N = 80).
 VIDEO_PROMPT = "user : <|vision_start|><|video_pad|><|vision_end|> what happens here ? assistant :"
 VIDEO_FRAMES, VIDEO_FPS = 8, 2.0
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, seed=0, max_num_seqs=4, enforce_eager=True)

@@ -50,14 +50,17 @@ def transformers_reference(path: str, keep: float) -> List[Dict[str, list]]:
 
 def qwen_video_reference(path: str, unpruned_ids: List[int], prompt_ids: List[int], keep: float = None,
                          consecutive: bool = False) -> List[int]:
-    """Greedy ids of transformers' Qwen3-VL on engine_run.video() with the prompt ``prompt_ids``.
+    """Greedy ids of transformers' Qwen2.5-VL / Qwen3-VL on engine_run.video() with the prompt
+    ``prompt_ids``.
 
     keep None: every video token (``prompt_ids`` the unpruned prompt). Otherwise the kept tokens of
     otprune's selection (``select_kept`` on the encoder's main features, as the plugin does), their
-    deepstack features alike, placed at the prompt's video placeholders in order; every token at the
-    position transformers' ``get_rope_index`` gives it in ``unpruned_ids`` (a kept token: its own
-    token's), decoding on from the unpruned prompt's next position. ``consecutive``: the kept tokens
-    at consecutive positions from the first one's instead (what a missing position fix would give)."""
+    deepstack features alike, placed at the prompt's video placeholders in order. Every token sits at
+    the position it has in ``unpruned_ids`` (a kept token: its own token's) and decoding goes on from
+    the unpruned prompt's next position; ``consecutive``: the kept tokens at consecutive positions
+    from the first one's instead (what a missing position fix would give). Positions: Qwen3-VL,
+    transformers' ``get_rope_index``; Qwen2.5-VL, vLLM's own (transformers 5.x resumes the text after
+    a video at another position than vLLM, whose layout the plugin keeps)."""
     import transformers
 
     from otprune.autopatch import settings_from_env
@@ -65,16 +68,21 @@ def qwen_video_reference(path: str, unpruned_ids: List[int], prompt_ids: List[in
 
     model, _ = tiny_models.load_tiny(path)
     frames, meta = engine_run.video()
-    inputs = transformers.AutoVideoProcessor.from_pretrained(path)(
-        videos=[frames], video_metadata=[meta], do_sample_frames=False, return_tensors="pt")
+    processor = transformers.AutoVideoProcessor.from_pretrained(path)
+    inputs = processor(videos=[frames], video_metadata=[meta], do_sample_frames=False, return_tensors="pt")
     grid = inputs["video_grid_thw"]
     with torch.no_grad():
         enc = model.model.get_video_features(inputs["pixel_values_videos"], grid, return_dict=True)
-    main, deep = enc.pooler_output[0], [f[0] for f in enc.deepstack_features]
+    main = enc.pooler_output[0]
+    deep = [f[0] for f in getattr(enc, "deepstack_features", None) or ()]
     video_id = model.config.video_token_id
     full = torch.tensor([unpruned_ids])
-    positions = model.model.get_rope_index(full, (full == video_id).int() * 2, video_grid_thw=grid)[0][:, 0]
     pads = (full[0] == video_id).nonzero().flatten()
+    if model.config.model_type == "qwen3_vl":
+        positions = model.model.get_rope_index(full, (full == video_id).int() * 2, video_grid_thw=grid)[0][:, 0]
+    else:
+        positions = _vllm_video_positions(model.config, unpruned_ids, grid[0], int(pads[0]), len(pads),
+                                          processor.temporal_patch_size / meta["fps"])
     if keep is None:
         kept = torch.arange(main.shape[0])
     else:
@@ -89,7 +97,7 @@ def qwen_video_reference(path: str, unpruned_ids: List[int], prompt_ids: List[in
         is_video = torch.tensor(prompt_ids) == video_id
         first = int(is_video.nonzero()[0])
         pos[:, is_video] = pos[:, first : first + 1] + torch.arange(int(is_video.sum()))
-    encoded = type(enc)(pooler_output=(main[kept],), deepstack_features=[(f[kept],) for f in deep])
+    encoded = type(enc)(pooler_output=(main[kept],), **({"deepstack_features": [(f[kept],) for f in deep]} if deep else {}))
     ids, nxt, out = list(prompt_ids), int(positions.max()) + 1, []
     for step in range(engine_run.MAX_TOKENS):
         with torch.no_grad():
@@ -99,3 +107,19 @@ def qwen_video_reference(path: str, unpruned_ids: List[int], prompt_ids: List[in
         ids.append(out[-1])
         pos = torch.cat([pos, torch.full((3, 1), nxt + step)], dim=1)
     return out
+
+
+def _vllm_video_positions(config, ids: List[int], grid: torch.Tensor, offset: int, length: int,
+                          seconds: float) -> torch.Tensor:
+    """(3, len(ids)) M-RoPE positions vLLM's own Qwen2.5-VL gives a prompt with one video."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as cls
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    data = {"video_grid_thw": SimpleNamespace(data=grid), "second_per_grid_ts": SimpleNamespace(data=torch.tensor(seconds))}
+    feature = MultiModalFeatureSpec(data=data, modality="video", identifier="reference",
+                                    mm_position=PlaceholderRange(offset=offset, length=length))
+    holder = cls.__new__(cls)
+    object.__setattr__(holder, "config", config)
+    return cls.get_mrope_input_positions(holder, ids, [feature])[0]
