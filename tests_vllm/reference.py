@@ -109,17 +109,25 @@ def qwen_video_reference(path: str, unpruned_ids: List[int], prompt_ids: List[in
     return out
 
 
+def feature_spec(modality: str, grid, seconds, offset: int, length: int):
+    """A vLLM multimodal feature as the Qwen position code reads it: the item's grid (t, h, w), its
+    seconds per grid step (videos; None or 0 for none) and its placeholder range."""
+    from types import SimpleNamespace
+
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.as_tensor(grid))}
+    if seconds:
+        data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(seconds))
+    return MultiModalFeatureSpec(data=data, modality=modality, identifier="x",
+                                 mm_position=PlaceholderRange(offset=offset, length=length))
+
+
 def _vllm_video_positions(config, ids: List[int], grid: torch.Tensor, offset: int, length: int,
                           seconds: float) -> torch.Tensor:
     """(3, len(ids)) M-RoPE positions vLLM's own Qwen2.5-VL gives a prompt with one video."""
-    from types import SimpleNamespace
-
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as cls
-    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 
-    data = {"video_grid_thw": SimpleNamespace(data=grid), "second_per_grid_ts": SimpleNamespace(data=torch.tensor(seconds))}
-    feature = MultiModalFeatureSpec(data=data, modality="video", identifier="reference",
-                                    mm_position=PlaceholderRange(offset=offset, length=length))
     holder = cls.__new__(cls)
     object.__setattr__(holder, "config", config)
-    return cls.get_mrope_input_positions(holder, ids, [feature])[0]
+    return cls.get_mrope_input_positions(holder, ids, [feature_spec("video", grid, seconds, offset, length)])[0]

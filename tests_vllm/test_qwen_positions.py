@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,11 +29,11 @@ from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGenera
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration  # noqa: E402
-from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange  # noqa: E402
 
 from otprune._validate import budget  # noqa: E402
 from otprune.autopatch import Settings  # noqa: E402
 from otprune.vllm import qwen_vl  # noqa: E402
+from reference import feature_spec  # noqa: E402
 
 KEEP = 0.3
 MERGE = 2
@@ -69,14 +68,6 @@ def _prompt(items, tokens):
     return torch.tensor([ids]), torch.tensor([types], dtype=torch.int32), offsets
 
 
-def _feature(modality, grid, seconds, offset, length):
-    data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid))}
-    if seconds:
-        data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(seconds))
-    return MultiModalFeatureSpec(data=data, modality=modality, identifier="x",
-                                 mm_position=PlaceholderRange(offset=offset, length=length))
-
-
 def _model(family, config):
     """The plugin's class without its (vLLM-built) weights: what the position methods read."""
     cls, _ = CLASSES[family]
@@ -106,7 +97,7 @@ def test_kept_tokens_keep_their_unpruned_positions(family, dtype):
         kept = torch.randperm(n, generator=gen)[: budget(KEEP, n)].sort().values
         keep_cols += list(range(start, offset)) + (offset + kept).tolist()
         start = offset + n
-        unpruned.append(_feature(modality, grid, seconds, offset, n))
+        unpruned.append(feature_spec(modality, grid, seconds, offset, n))
         kept_lengths.append(len(kept))
         t_factor = tokens_per_second * seconds if modality == "video" else 1.0
         offs = qwen_vl.kept_positions(grid, MERGE, t_factor, kept) - torch.arange(len(kept)).unsqueeze(1)
@@ -115,7 +106,7 @@ def test_kept_tokens_keep_their_unpruned_positions(family, dtype):
     pruned_ids = ids[0, keep_cols].tolist()
     is_mm = types[0, keep_cols] > 0
     starts = [i for i in range(len(pruned_ids)) if is_mm[i] and (i == 0 or not is_mm[i - 1])]
-    features = [_feature(f.modality, tuple(f.data[f"{f.modality}_grid_thw"].data.tolist()),
+    features = [feature_spec(f.modality, tuple(f.data[f"{f.modality}_grid_thw"].data.tolist()),
                          f.data["second_per_grid_ts"].data.item() if "second_per_grid_ts" in f.data else None, s, k)
                 for f, s, k in zip(unpruned, starts, kept_lengths)]
 
@@ -188,8 +179,8 @@ def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(family, dtype):
     full_video, lumped = repl([per_frame] * grid[0]), repl([k] + [0] * (grid[0] - 1))
     full_ids = head + image + middle + full_video + tail
     video_at = len(head + image + middle)
-    unpruned = [_feature("image", (1, 12, 8), None, len(head) + 1, 24),
-                _feature("video", grid, None, video_at, len(full_video))]
+    unpruned = [feature_spec("image", (1, 12, 8), None, len(head) + 1, 24),
+                feature_spec("video", grid, None, video_at, len(full_video))]
 
     gen = torch.Generator().manual_seed(1)
     kept = torch.randperm(n, generator=gen)[:k].sort().values
@@ -210,8 +201,8 @@ def test_qwen3_video_kept_tokens_keep_their_unpruned_positions(family, dtype):
             + list(range(video_at + len(full_video), len(full_ids))))
     pruned_ids = [full_ids[c] for c in cols]
     assert pruned_ids == head + [image[0]] + [image[1]] * len(kept_img) + [image[-1]] + middle + lumped + tail
-    features = [_feature("image", (1, 12, 8), None, len(head) + 1, len(kept_img)),
-                _feature("video", grid, None, video_at - 24 + len(kept_img), len(lumped))]
+    features = [feature_spec("image", (1, 12, 8), None, len(head) + 1, len(kept_img)),
+                feature_spec("video", grid, None, video_at - 24 + len(kept_img), len(lumped))]
 
     obj = _model(family, config)
     object.__setattr__(obj, "_tokenizer", tokenizer)

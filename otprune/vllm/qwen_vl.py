@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -219,16 +219,17 @@ class _PrunedEncoder:
         # the score's features: Qwen3-VL's main features, without the deepstack levels beside them
         width = self.visual_dim if getattr(self, "use_deepstack", False) else None
         embeds: List[torch.Tensor] = []
-        pruned: List[Tuple[int, List[int], float]] = []  # (index into embeds, grid t h w, t factor)
+        # (index into embeds, kept indices -> their (k, 3) positions relative to the item's first)
+        pruned: List[Tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
         for key, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
             video = key.startswith("video")
+            modality = "video" if video else "image"
             items = self._process_video_input(inputs) if video else self._process_image_input(inputs)
             grids = inputs["video_grid_thw" if video else "image_grid_thw"].tolist()
             seconds = inputs.get("second_per_grid_ts") if video else None
             for i, (emb, grid) in enumerate(zip(items, grids)):
-                modality = "video" if video else "image"
                 if self._prunes(modality, emb.shape[0]):
                     if video and self.lumped_videos:
                         where = partial(self._video_positions, grid, inputs["timestamps"][i])
